@@ -1,0 +1,96 @@
+"""Input checks shared by the NumPy reference, the autograd Functions and the modules.
+
+Every normalization layer in the package validates its input here, so that a student who passes a
+wrong shape, an integer array or a batch of one gets one clear sentence naming the problem instead
+of a broadcasting error ten frames deep. The functions accept NumPy arrays and torch tensors alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "check_floating",
+    "check_finite",
+    "check_rank",
+    "check_channels",
+    "check_batch_statistics",
+    "check_normalized_shape",
+]
+
+
+def _is_floating(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_floating_point()
+    return np.issubdtype(np.asarray(x).dtype, np.floating)
+
+
+def check_floating(x, layer: str) -> None:
+    """Raise TypeError unless ``x`` holds floating-point numbers.
+
+    Integer images (uint8 MNIST pixels, say) must be converted first: normalizing them in integer
+    arithmetic would silently truncate every value.
+    """
+    if not _is_floating(x):
+        dtype = x.dtype if hasattr(x, "dtype") else type(x).__name__
+        raise TypeError(
+            f"{layer} expects a floating-point input, got dtype {dtype}; "
+            "convert it first (x.float() in PyTorch, x.astype(np.float64) in NumPy)"
+        )
+
+
+def check_finite(x, layer: str) -> None:
+    """Raise ValueError if ``x`` holds NaN or infinity (used by the NumPy reference only).
+
+    The PyTorch Functions and modules let NaN propagate, as torch.nn does: checking every batch
+    would cost a full reduction and a device synchronisation per call.
+    """
+    finite = torch.isfinite(x).all().item() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+    if not finite:
+        raise ValueError(f"{layer} got non-finite values (NaN or inf) in its input")
+
+
+def check_rank(x, allowed_ndims: tuple[int, ...], layer: str, expected: str) -> None:
+    """Raise ValueError unless ``x.ndim`` is one of ``allowed_ndims``.
+
+    ``expected`` describes the accepted layouts for the message, e.g. ``"(N, C) or (N, C, L)"``.
+    """
+    if x.ndim not in allowed_ndims:
+        raise ValueError(f"{layer} expects input of shape {expected}, got shape {tuple(x.shape)}")
+
+
+def check_channels(x, num_features: int, layer: str) -> None:
+    """Raise ValueError unless axis 1 of ``x`` has ``num_features`` channels."""
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}(num_features={num_features}) got {x.shape[1]} channels in axis 1 "
+            f"of an input of shape {tuple(x.shape)}"
+        )
+
+
+def check_batch_statistics(x, layer: str) -> None:
+    """Raise ValueError when training-mode statistics would be computed from one value per channel.
+
+    With a single value the batch variance is 0 and every output equals beta: the layer would train
+    on garbage. The message begins like PyTorch's so that users can search for either.
+    """
+    values_per_channel = math.prod(x.shape) // x.shape[1]
+    if values_per_channel <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} in {layer}: use a batch of at least 2 examples, or call .eval() "
+            "to normalize with the running statistics"
+        )
+
+
+def check_normalized_shape(x, normalized_shape: tuple[int, ...], layer: str) -> None:
+    """Raise ValueError unless the trailing dimensions of ``x`` equal ``normalized_shape``."""
+    k = len(normalized_shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(normalized_shape):
+        raise ValueError(
+            f"{layer}(normalized_shape={tuple(normalized_shape)}) expects input whose last {k} "
+            f"dimension(s) are {tuple(normalized_shape)}, got shape {tuple(x.shape)}"
+        )
