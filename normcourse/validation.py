@@ -19,6 +19,7 @@ __all__ = [
     "check_channels",
     "check_batch_statistics",
     "check_normalized_shape",
+    "check_choice",
 ]
 
 
@@ -94,3 +95,10 @@ def check_normalized_shape(x, normalized_shape: tuple[int, ...], layer: str) -> 
             f"{layer}(normalized_shape={tuple(normalized_shape)}) expects input whose last {k} "
             f"dimension(s) are {tuple(normalized_shape)}, got shape {tuple(x.shape)}"
         )
+
+
+def check_choice(value, choices, what: str) -> None:
+    """Raise ValueError naming the valid choices unless ``value`` is one of them."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {what} {value!r}; choose one of {valid}")

@@ -1,0 +1,174 @@
+"""Model builders for the chapters' experiments: an MLP and a small ConvNet, with any normalization.
+
+Both builders return an ``nn.Sequential`` whose layers have readable names, so that probes, hooks
+and the text can address them: ``model.fc3`` (the third hidden linear layer), ``model.norm3``,
+``model.act3`` (its nonlinearity), ``model.out`` (the output layer). For example, the input to the
+last hidden sigmoid of the default MLP is ``model.act3``'s input.
+
+``norm`` picks the normalization layer:
+
+=================  ==============================================================================
+``"none"``         no normalization
+``"batch"``        ``normcourse.nn.BatchNorm1d`` / ``BatchNorm2d``
+``"layer"``        ``normcourse.nn.LayerNorm`` (see ``convnet`` for what it normalizes over)
+``"renorm"``       ``normcourse.nn.BatchRenorm1d`` / ``BatchRenorm2d`` (``renorm_kwargs`` go to it)
+``"torch_batch"``  ``torch.nn.BatchNorm1d`` / ``BatchNorm2d`` (to compare against ours)
+``"torch_layer"``  ``torch.nn.LayerNorm``
+=================  ==============================================================================
+
+A linear or conv layer that feeds a batch norm or batch renorm has no bias: the norm subtracts the
+per-feature mean, which removes any constant bias, and its beta takes the bias's place (BN paper,
+Sec. 3.2). Layer norm subtracts a mean over *features*, which does not remove a per-feature bias,
+so layers feeding it keep theirs. The output layer is never normalized.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from torch import nn
+
+from normcourse import nn as ncnn
+from normcourse.validation import check_choice
+
+__all__ = ["NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
+
+NORMS = ("none", "batch", "layer", "renorm", "torch_batch", "torch_layer")
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+NORM_POSITIONS = ("before", "after")
+
+# Norms that normalize each feature over the batch: a bias in front of them is redundant.
+_BATCH_NORMS = ("batch", "renorm", "torch_batch")
+
+
+def _norm_layer(norm: str, shape: tuple[int, ...], renorm_kwargs: dict | None) -> nn.Module:
+    """The normalization layer for features of ``shape``: (C,) after a linear layer, (C, H, W)
+    after a conv layer. Batch-type norms use C; layer norms normalize over the whole shape."""
+    channels, spatial = shape[0], len(shape) > 1
+    if norm == "batch":
+        return (ncnn.BatchNorm2d if spatial else ncnn.BatchNorm1d)(channels)
+    if norm == "torch_batch":
+        return (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(channels)
+    if norm == "renorm":
+        return (ncnn.BatchRenorm2d if spatial else ncnn.BatchRenorm1d)(channels, **(renorm_kwargs or {}))
+    if norm == "layer":
+        return ncnn.LayerNorm(shape)
+    if norm == "torch_layer":
+        return nn.LayerNorm(shape)
+    raise AssertionError(f"unhandled norm {norm!r}")  # names are checked by the builders
+
+
+def _check_common(norm: str, activation: str, renorm_kwargs: dict | None) -> None:
+    check_choice(norm, NORMS, "norm")
+    check_choice(activation, tuple(ACTIVATIONS), "activation")
+    if renorm_kwargs is not None and norm != "renorm":
+        raise ValueError(f"renorm_kwargs are for norm='renorm', but norm={norm!r}")
+
+
+def mlp(
+    sizes: Sequence[int] = (784, 100, 100, 100, 10),
+    norm: str = "none",
+    activation: str = "sigmoid",
+    norm_position: str = "before",
+    init_scale: float | None = None,
+    renorm_kwargs: dict | None = None,
+) -> nn.Sequential:
+    """A fully connected network: input (N, sizes[0]) (or images (N, 1, 28, 28)) -> logits (N, sizes[-1]).
+
+    The default is the BN paper's MNIST network (Sec. 4.1): 3 hidden layers of 100 sigmoid units.
+    Layers, for each hidden layer i = 1, 2, ...:
+
+    - ``norm_position="before"`` (the paper: BN(W u) then the nonlinearity):
+      ``fc{i}`` -> ``norm{i}`` -> ``act{i}``
+    - ``norm_position="after"`` (nonlinearity first): ``fc{i}`` -> ``act{i}`` -> ``norm{i}``
+
+    then ``out``, the output linear layer. ``norm="none"`` leaves the ``norm{i}`` layers out. The
+    first layer, ``flatten``, lets the same network take flat vectors or images.
+
+    Args:
+        sizes: widths from the input to the output, at least two.
+        norm: one of ``NORMS`` (see the module docstring).
+        activation: ``"sigmoid"``, ``"relu"`` or ``"tanh"``.
+        norm_position: ``"before"`` or ``"after"`` the nonlinearity.
+        init_scale: None keeps PyTorch's default initialization; a float draws every linear
+            weight from N(0, init_scale^2) and sets the biases to 0 (the "small random Gaussian"
+            of the BN paper; CS231n's weight-scale sweep).
+        renorm_kwargs: keyword arguments for ``BatchRenorm1d`` (``rmax``, ``warmup_steps``, ...),
+            only with ``norm="renorm"``.
+    """
+    _check_common(norm, activation, renorm_kwargs)
+    check_choice(norm_position, NORM_POSITIONS, "norm_position")
+    sizes = tuple(sizes)
+    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(f"sizes must be at least two positive integers (input, ..., output), got {sizes}")
+    if init_scale is not None and not init_scale > 0:
+        raise ValueError(f"init_scale must be a positive standard deviation or None, got {init_scale}")
+
+    # A bias is redundant only when the linear layer's output goes straight into a batch norm.
+    bias = not (norm in _BATCH_NORMS and norm_position == "before")
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    for i, (fan_in, width) in enumerate(zip(sizes[:-2], sizes[1:-1]), start=1):
+        layers[f"fc{i}"] = nn.Linear(fan_in, width, bias=bias)
+        norm_layer = None if norm == "none" else _norm_layer(norm, (width,), renorm_kwargs)
+        block = [("norm", norm_layer), ("act", ACTIVATIONS[activation]())]
+        if norm_position == "after":
+            block.reverse()
+        for prefix, module in block:
+            if module is not None:
+                layers[f"{prefix}{i}"] = module
+    layers["out"] = nn.Linear(sizes[-2], sizes[-1])
+    model = nn.Sequential(layers)
+    if init_scale is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=init_scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
+
+
+def convnet(
+    norm: str = "none",
+    channels: Sequence[int] = (16, 32),
+    activation: str = "relu",
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    renorm_kwargs: dict | None = None,
+) -> nn.Sequential:
+    """A small ConvNet for MNIST: images (N, in_channels, image_size, image_size) -> logits (N, num_classes).
+
+    For each entry c of ``channels`` (block i = 1, 2, ...): ``conv{i}`` (3x3, padding 1, c output
+    channels) -> ``norm{i}`` -> ``act{i}`` -> ``pool{i}`` (2x2 max pooling, halves H and W); then
+    ``flatten`` and ``out`` (linear). With the defaults: 28x28 -> 14x14 -> 7x7, 32*7*7 features.
+
+    What the norms normalize over, per block with C channels of H x W maps:
+
+    - batch / renorm: per channel, over the batch and all positions (N, H, W), as in the BN
+      paper's Sec. 3.2; one gamma and beta per channel.
+    - layer (our choice): per example, over all of (C, H, W), like ``torch.nn.LayerNorm((C, H,
+      W))``, with one gain and bias per unit (C*H*W of each), as the LN paper gives every hidden
+      unit its own. ``nn.GroupNorm(1, C)`` computes the same statistics but shares the gain and
+      bias within a channel. The LN paper (Sec. 6.7) reports that on ConvNets BN works better.
+    """
+    _check_common(norm, activation, renorm_kwargs)
+    channels = tuple(channels)
+    if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"channels must be one or more positive integers, got {channels}")
+    if image_size < 2 ** len(channels):
+        raise ValueError(f"image_size {image_size} is too small for {len(channels)} 2x2 poolings")
+
+    bias = norm not in _BATCH_NORMS
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    size, fan_in = image_size, in_channels
+    for i, c in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(fan_in, c, kernel_size=3, padding=1, bias=bias)
+        if norm != "none":
+            layers[f"norm{i}"] = _norm_layer(norm, (c, size, size), renorm_kwargs)
+        layers[f"act{i}"] = ACTIVATIONS[activation]()
+        layers[f"pool{i}"] = nn.MaxPool2d(2)
+        size, fan_in = size // 2, c
+    layers["flatten"] = nn.Flatten()
+    layers["out"] = nn.Linear(fan_in * size * size, num_classes)
+    return nn.Sequential(layers)

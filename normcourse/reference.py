@@ -1,0 +1,446 @@
+"""Normalization layers in NumPy, written by hand: forward and backward passes.
+
+Every layer follows the CS231n contract::
+
+    out, cache = layer_forward(x, ...)       # cache: a dict of named intermediates
+    grads = layer_backward(dout, cache)      # dout: gradient of the loss w.r.t. out
+
+Batch norm is written twice on the way back: ``batchnorm_backward`` walks the forward's lines in
+reverse, one line each (every line is commented with the forward line it inverts), and
+``batchnorm_backward_closed_form`` is the simplified formula derived from it. Conventions are
+PyTorch's (see CONTRIBUTING.md): ``momentum`` weights the new batch, the batch is normalized with
+the biased variance while ``running_var`` stores the unbiased one, ``eps`` sits inside the root.
+Variances are computed in two passes (subtract the mean first): ``E[x^2] - E[x]^2`` loses every
+digit when the mean is large compared with the spread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from normcourse.validation import (
+    check_batch_statistics,
+    check_channels,
+    check_finite,
+    check_floating,
+    check_normalized_shape,
+    check_rank,
+)
+
+__all__ = [
+    "standardize_fit",
+    "standardize_forward",
+    "standardize_backward",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "batchnorm_backward_closed_form",
+    "spatial_batchnorm_forward",
+    "spatial_batchnorm_backward",
+    "layernorm_forward",
+    "layernorm_backward",
+    "batch_renorm_forward",
+    "batch_renorm_backward",
+    "fold_batchnorm_into_linear",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter checks (the input checks live in normcourse.validation)
+# --------------------------------------------------------------------------------------------
+def _check_parameter_shape(value, name: str, shape: tuple[int, ...], layer: str) -> None:
+    """Raise ValueError unless the parameter or buffer ``value`` has exactly ``shape``."""
+    if np.shape(value) != tuple(shape):
+        raise ValueError(
+            f"{layer} expects {name} of shape {tuple(shape)}, got shape {np.shape(value)}"
+        )
+
+
+def _check_feature_vector(value, name: str, layer: str) -> int:
+    """Raise ValueError unless ``value`` holds one number per feature, shape (D,); return D."""
+    if np.ndim(value) != 1:
+        raise ValueError(
+            f"{layer} expects {name} of shape (D,), one value per feature, "
+            f"got shape {np.shape(value)}"
+        )
+    return np.shape(value)[0]
+
+
+def _check_running_pair(running_a, running_b, names: tuple[str, str], num_features: int,
+                        layer: str) -> None:
+    """Running statistics come both or neither, as (D,) float arrays that can be updated."""
+    if (running_a is None) != (running_b is None):
+        raise ValueError(f"{layer} needs both {names[0]} and {names[1]}, or neither")
+    for value, name in zip((running_a, running_b), names):
+        if value is None:
+            continue
+        if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+            raise TypeError(
+                f"{layer} updates {name} in place: pass a floating-point NumPy array, "
+                f"got {type(value).__name__} of dtype {getattr(value, 'dtype', None)}"
+            )
+        _check_parameter_shape(value, name, (num_features,), layer)
+
+
+def _validate_batchnorm(x, gamma, beta, running_mean, running_var, uses_batch_stats: bool,
+                        layer: str, ranks: tuple[int, ...], expected: str) -> None:
+    """All the checks a batch-norm style forward needs, with messages naming ``layer``."""
+    check_floating(x, layer)
+    check_rank(x, ranks, layer, expected)
+    num_features = _check_feature_vector(gamma, "gamma", layer)
+    check_channels(x, num_features, layer)
+    _check_parameter_shape(beta, "beta", (num_features,), layer)
+    _check_running_pair(running_mean, running_var, ("running_mean", "running_var"),
+                        num_features, layer)
+    check_finite(x, layer)
+    if uses_batch_stats:
+        check_batch_statistics(x, layer)
+
+
+# --------------------------------------------------------------------------------------------
+# Input standardization (chapter 1): statistics from the training set only
+# --------------------------------------------------------------------------------------------
+def standardize_fit(x_train, eps: float = 1e-8):
+    """Per-feature mean and standard deviation of the training set.
+
+    x_train: (N, D). Returns mean (D,) and std (D,). The std is floored at ``eps`` so that a
+    constant feature (every MNIST corner pixel, say) is shifted to 0 instead of dividing by 0.
+    Fit once on the training set and reuse the same numbers for validation and test data.
+    """
+    layer = "standardize_fit"
+    check_floating(x_train, layer)
+    check_rank(x_train, (2,), layer, "(N, D)")
+    check_finite(x_train, layer)
+    mean = x_train.mean(axis=0)                    # (D,)
+    var = ((x_train - mean) ** 2).mean(axis=0)     # (D,)  two-pass: subtract the mean first
+    std = np.maximum(np.sqrt(var), eps)            # (D,)  floor: constant features stay finite
+    return mean, std
+
+
+def standardize_forward(x, mean, std):
+    """out = (x - mean) / std with statistics from ``standardize_fit``.
+
+    x: (N, D); mean, std: (D,). Returns out (N, D) and the cache for ``standardize_backward``.
+    """
+    layer = "standardize_forward"
+    check_floating(x, layer)
+    check_rank(x, (2,), layer, "(N, D)")
+    num_features = _check_feature_vector(mean, "mean", layer)
+    check_channels(x, num_features, layer)
+    _check_parameter_shape(std, "std", (num_features,), layer)
+    check_finite(x, layer)
+    xmu = x - mean                                 # (N, D)
+    out = xmu / std                                # (N, D)
+    cache = {"std": std}
+    return out, cache
+
+
+def standardize_backward(dout, cache):
+    """dout: (N, D) -> dx: (N, D). mean and std are constants fitted beforehand."""
+    dxmu = dout / cache["std"]                     # out = xmu / std
+    dx = dxmu                                      # xmu = x - mean
+    return dx
+
+
+# --------------------------------------------------------------------------------------------
+# Batch normalization, (N, D)
+# --------------------------------------------------------------------------------------------
+def batchnorm_forward(x, gamma, beta, running_mean=None, running_var=None, training=True,
+                      momentum=0.1, eps=1e-5):
+    """Batch normalization of x: (N, D), statistics per feature over the batch axis.
+
+    gamma, beta: (D,). running_mean, running_var: (D,) float arrays or both None.
+    training=True: normalize with the batch mean and *biased* batch variance, and (when given)
+    update the running arrays in place, PyTorch's way::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mu
+        running_var  = (1 - momentum) * running_var  + momentum * var * N / (N - 1)   # unbiased
+
+    training=False: normalize with the running statistics (no update); if they are None, use the
+    batch statistics, as torch does with ``track_running_stats=False``.
+    Returns out: (N, D) and a cache (dict) for the backward passes.
+    """
+    uses_batch_stats = training or running_mean is None
+    _validate_batchnorm(x, gamma, beta, running_mean, running_var, uses_batch_stats,
+                        "batchnorm_forward", (2,), "(N, D)")
+    n = x.shape[0]
+
+    if uses_batch_stats:
+        mu = x.mean(axis=0)                        # (D,)   batch mean
+        xmu = x - mu                               # (N, D) centered input
+        sq = xmu ** 2                              # (N, D)
+        var = sq.mean(axis=0)                      # (D,)   biased batch variance (1/N)
+    else:
+        mu = running_mean                          # (D,)   constants learned in training
+        xmu = x - mu                               # (N, D)
+        var = running_var                          # (D,)
+    std = np.sqrt(var + eps)                       # (D,)   eps inside the root
+    invstd = 1.0 / std                             # (D,)
+    xhat = xmu * invstd                            # (N, D) zero mean, unit variance
+    scaled = gamma * xhat                          # (N, D)
+    out = scaled + beta                            # (N, D)
+
+    if training and running_mean is not None:
+        unbiased_var = var * n / (n - 1)           # the running variance is the unbiased one
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mu
+        running_var[...] = (1 - momentum) * running_var + momentum * unbiased_var
+
+    cache = {
+        "uses_batch_stats": uses_batch_stats,      # False: mu and var are constants
+        "gamma": gamma,
+        "mu": mu,
+        "xmu": xmu,
+        "var": var,
+        "std": std,
+        "invstd": invstd,
+        "xhat": xhat,
+    }
+    return out, cache
+
+
+def batchnorm_backward(dout, cache):
+    """Staged backward: the forward's lines in reverse, one at a time.
+
+    dout: (N, D). Returns dx: (N, D), dgamma: (D,), dbeta: (D,). Each line is commented with the
+    forward line it differentiates; a variable used twice in the forward (xmu) collects the
+    gradient of both uses.
+    """
+    gamma, xmu, std, invstd, xhat = (cache[k] for k in ("gamma", "xmu", "std", "invstd", "xhat"))
+    n = dout.shape[0]
+
+    dbeta = dout.sum(axis=0)                       # out = scaled + beta      (beta is broadcast)
+    dscaled = dout                                 # out = scaled + beta
+    dgamma = (dscaled * xhat).sum(axis=0)          # scaled = gamma * xhat
+    dxhat = dscaled * gamma                        # scaled = gamma * xhat
+    dinvstd = (dxhat * xmu).sum(axis=0)            # xhat = xmu * invstd      (invstd is broadcast)
+    dxmu = dxhat * invstd                          # xhat = xmu * invstd      (first use of xmu)
+    if not cache["uses_batch_stats"]:
+        dx = dxmu                                  # xmu = x - mu             (mu is a constant)
+        return dx, dgamma, dbeta
+    dstd = -dinvstd / std ** 2                     # invstd = 1.0 / std
+    dvar = 0.5 * dstd / std                        # std = np.sqrt(var + eps)
+    dsq = np.ones_like(xmu) * dvar / n             # var = sq.mean(axis=0)
+    dxmu = dxmu + 2.0 * xmu * dsq                  # sq = xmu ** 2            (second use of xmu)
+    dx = dxmu.copy()                               # xmu = x - mu
+    dmu = -dxmu.sum(axis=0)                        # xmu = x - mu             (mu is broadcast)
+    dx = dx + np.ones_like(dx) * dmu / n           # mu = x.mean(axis=0)
+    return dx, dgamma, dbeta
+
+
+def _batchnorm_dx(dout, scale, invstd, xhat):
+    """Closed-form dx of ``scale * xhat`` where xhat uses the batch statistics (N, D).
+
+    dx = scale * invstd / N * (N * dout - sum(dout) - xhat * sum(dout * xhat)), sums over the
+    batch. Shared by batch norm (scale = gamma) and batch renorm (scale = gamma * r).
+    """
+    n = dout.shape[0]
+    return (scale * invstd / n) * (
+        n * dout - dout.sum(axis=0) - xhat * (dout * xhat).sum(axis=0)
+    )
+
+
+def batchnorm_backward_closed_form(dout, cache):
+    """The staged backward simplified by hand.
+
+    dout: (N, D). Returns dx: (N, D), dgamma: (D,), dbeta: (D,).
+    Training: dx = gamma * invstd / N * (N * dout - sum(dout) - xhat * sum(dout * xhat)).
+    Eval (running statistics, constants): dx = dout * gamma * invstd.
+    """
+    gamma, invstd, xhat = cache["gamma"], cache["invstd"], cache["xhat"]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * xhat).sum(axis=0)
+    if cache["uses_batch_stats"]:
+        dx = _batchnorm_dx(dout, gamma, invstd, xhat)
+    else:
+        dx = dout * gamma * invstd
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Spatial batch normalization, (N, C, H, W): one set of statistics per channel over N, H, W
+# --------------------------------------------------------------------------------------------
+def _channels_last_2d(x):
+    """(N, C, H, W) -> (N*H*W, C): every pixel of every image becomes one row."""
+    n, c, h, w = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _channels_first_4d(rows, shape):
+    """(N*H*W, C) -> (N, C, H, W), the inverse of ``_channels_last_2d``."""
+    n, c, h, w = shape
+    return rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+def spatial_batchnorm_forward(x, gamma, beta, running_mean=None, running_var=None,
+                              training=True, momentum=0.1, eps=1e-5):
+    """Batch norm for images, x: (N, C, H, W); gamma, beta, running_*: (C,).
+
+    Each channel is normalized over its m = N*H*W values (so running_var gets the correction
+    m / (m - 1)) by reshaping to (N*H*W, C) and calling ``batchnorm_forward``.
+    Returns out: (N, C, H, W) and the cache.
+    """
+    uses_batch_stats = training or running_mean is None
+    # Validate the 4-D input here so that messages show the caller's shape, not the reshaped one.
+    _validate_batchnorm(x, gamma, beta, running_mean, running_var, uses_batch_stats,
+                        "spatial_batchnorm_forward", (4,), "(N, C, H, W)")
+    rows_out, rows_cache = batchnorm_forward(_channels_last_2d(x), gamma, beta, running_mean,
+                                             running_var, training, momentum, eps)
+    cache = {"shape": x.shape, "rows": rows_cache}
+    return _channels_first_4d(rows_out, x.shape), cache
+
+
+def spatial_batchnorm_backward(dout, cache):
+    """dout: (N, C, H, W) -> dx: (N, C, H, W), dgamma: (C,), dbeta: (C,)."""
+    drows, dgamma, dbeta = batchnorm_backward_closed_form(_channels_last_2d(dout), cache["rows"])
+    return _channels_first_4d(drows, cache["shape"]), dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Layer normalization: statistics per example over the trailing gamma.ndim dimensions
+# --------------------------------------------------------------------------------------------
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """Layer normalization, x: (..., *gamma.shape); gamma, beta: the normalized shape, e.g. (D,).
+
+    Each example (each position of the leading dims) is normalized over the trailing dims with
+    its own mean and biased variance; the same computation at training and test time, and a
+    batch of one is fine. Returns out (shape of x) and the cache.
+    """
+    layer = "layernorm_forward"
+    check_floating(x, layer)
+    normalized_shape = np.shape(gamma)
+    check_normalized_shape(x, normalized_shape, layer)
+    _check_parameter_shape(beta, "beta", normalized_shape, layer)
+    check_finite(x, layer)
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+
+    mu = x.mean(axis=axes, keepdims=True)          # (..., 1, ...) per-example mean
+    xmu = x - mu                                   # like x
+    sq = xmu ** 2                                  # like x
+    var = sq.mean(axis=axes, keepdims=True)        # per-example biased variance
+    std = np.sqrt(var + eps)
+    rstd = 1.0 / std
+    xhat = xmu * rstd                              # like x
+    scaled = gamma * xhat                          # like x
+    out = scaled + beta                            # like x
+
+    cache = {"gamma": gamma, "axes": axes, "rstd": rstd, "xhat": xhat}
+    return out, cache
+
+
+def layernorm_backward(dout, cache):
+    """Closed form per example, with g = dout * gamma (means over the normalized dims):
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+
+    dout: like x. Returns dx (like x), dgamma and dbeta (shape of gamma; summed over the
+    leading, per-example dims).
+    """
+    gamma, axes, rstd, xhat = cache["gamma"], cache["axes"], cache["rstd"], cache["xhat"]
+    example_axes = tuple(range(dout.ndim - len(axes)))
+    dbeta = dout.sum(axis=example_axes)
+    dgamma = (dout * xhat).sum(axis=example_axes)
+    g = dout * gamma
+    dx = rstd * (
+        g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
+    )
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Batch renormalization (Ioffe 2017), (N, D)
+# --------------------------------------------------------------------------------------------
+def batch_renorm_forward(x, gamma, beta, running_mean, running_std, training=True, rmax=3.0,
+                         dmax=5.0, momentum=0.01, eps=1e-5):
+    """Batch renormalization of x: (N, D); gamma, beta, running_mean, running_std: (D,).
+
+    Training: batch-normalize (sigma_B = sqrt(biased var + eps)), then correct towards the
+    running statistics with r and d, computed from the running values *before* this step's
+    update and treated as constants by the backward::
+
+        r = clip(sigma_B / running_std, 1/rmax, rmax)
+        d = clip((mu_B - running_mean) / running_std, -dmax, dmax)
+        xhat = (x - mu_B) / sigma_B * r + d ;  out = gamma * xhat + beta
+        running_mean += momentum * (mu_B - running_mean)      # in place
+        running_std  += momentum * (sigma_B - running_std)    # in place
+
+    With rmax=1, dmax=0 this is batch norm. Eval: out = gamma * (x - running_mean) / running_std
+    + beta, no update. Returns out: (N, D) and the cache (which holds r and d).
+    """
+    layer = "batch_renorm_forward"
+    if running_mean is None or running_std is None:
+        raise ValueError(f"{layer} needs running_mean and running_std: r and d are built from them")
+    _validate_batchnorm(x, gamma, beta, None, None, training, layer, (2,), "(N, D)")
+    _check_running_pair(running_mean, running_std, ("running_mean", "running_std"),
+                        np.shape(gamma)[0], layer)
+    if rmax < 1 or dmax < 0:
+        raise ValueError(f"{layer} needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+
+    if not training:
+        xmu = x - running_mean                     # (N, D)
+        xhat = xmu / running_std                   # (N, D)
+        out = gamma * xhat + beta                  # (N, D)
+        cache = {"training": False, "gamma": gamma, "running_std": running_std.copy(),
+                 "xhat": xhat}
+        return out, cache
+
+    # Plain batch norm without the affine part: xhat_batch, and mu_B, sigma_B in its cache.
+    ones, zeros = np.ones_like(gamma), np.zeros_like(beta)
+    xhat_batch, bn_cache = batchnorm_forward(x, ones, zeros, training=True, eps=eps)
+    mu_b = bn_cache["mu"]                          # (D,)   batch mean
+    sigma_b = bn_cache["std"]                      # (D,)   sqrt(biased var + eps)
+    r = np.clip(sigma_b / running_std, 1.0 / rmax, rmax)                  # (D,) constant
+    d = np.clip((mu_b - running_mean) / running_std, -dmax, dmax)         # (D,) constant
+    xhat = xhat_batch * r + d                      # (N, D)
+    out = gamma * xhat + beta                      # (N, D)
+
+    running_mean += momentum * (mu_b - running_mean)   # after r and d: they used the old values
+    running_std += momentum * (sigma_b - running_std)
+
+    cache = {"training": True, "gamma": gamma, "mu_b": mu_b, "sigma_b": sigma_b, "r": r, "d": d,
+             "xhat": xhat, "batchnorm": bn_cache}
+    return out, cache
+
+
+def batch_renorm_backward(dout, cache):
+    """dout: (N, D) -> dx: (N, D), dgamma: (D,), dbeta: (D,).
+
+    r and d are constants, so dx is batch norm's backward with gamma replaced by gamma * r, and
+    dgamma = sum(dout * xhat) with the corrected xhat = xhat_batch * r + d.
+    Eval: dx = dout * gamma / running_std.
+    """
+    gamma, xhat = cache["gamma"], cache["xhat"]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * xhat).sum(axis=0)
+    if not cache["training"]:
+        return dout * gamma / cache["running_std"], dgamma, dbeta
+    bn = cache["batchnorm"]
+    dx = _batchnorm_dx(dout, gamma * cache["r"], bn["invstd"], bn["xhat"])
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# Folding an eval-mode batch norm into the linear layer before it
+# --------------------------------------------------------------------------------------------
+def fold_batchnorm_into_linear(W, b, gamma, beta, running_mean, running_var, eps=1e-5):
+    """Merge ``BN_eval(Linear(W, b)(u))`` into one linear layer ``Linear(W2, b2)``.
+
+    W: (D_out, D_in), torch.nn.Linear's layout (y = u @ W.T + b); b: (D_out,) or None (a linear
+    layer feeding a batch norm usually has none, but the mean shift still lands in b2).
+    gamma, beta, running_mean, running_var: (D_out,). Returns W2: (D_out, D_in), b2: (D_out,)::
+
+        scale = gamma / sqrt(running_var + eps)
+        W2 = scale[:, None] * W ;  b2 = scale * (b - running_mean) + beta
+    """
+    layer = "fold_batchnorm_into_linear"
+    check_floating(W, layer)
+    check_rank(W, (2,), layer, "(D_out, D_in)")
+    d_out = W.shape[0]
+    for value, name in ((gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"),
+                        (running_var, "running_var")):
+        _check_parameter_shape(value, name, (d_out,), layer)
+    if b is None:
+        b = np.zeros(d_out, dtype=W.dtype)
+    _check_parameter_shape(b, "b", (d_out,), layer)
+    scale = gamma / np.sqrt(running_var + eps)     # (D_out,) one factor per output unit
+    W2 = scale[:, None] * W                        # scales row j of W, i.e. output unit j
+    b2 = scale * (b - running_mean) + beta
+    return W2, b2
