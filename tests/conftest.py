@@ -1,0 +1,114 @@
+"""Shared test set-up: one thread, Jupyter state kept in the repository, and the book's chapters
+collected as notebooks.
+
+The chapters are MyST Markdown notebooks (``book/NN_name.md``). nbval only collects ``.ipynb``
+files, so ``tests/test_notebooks.py`` is collected by ``BookChapters`` below, which yields one
+nbval notebook per chapter, read through jupytext. Each code cell is one test item, run in order
+in one kernel whose working directory is ``book/`` (as in JupyterLab and in the book build).
+Cells are not compared with stored outputs (the chapters store none): a chapter passes when
+every cell, including its ``assert`` check cells, runs without raising.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / ".local"
+
+# Same environment as the Makefile, for runs of pytest outside make. Set before any kernel starts:
+# kernels inherit it.
+for _name, _value in {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MPLBACKEND": "Agg",
+    "JUPYTER_CONFIG_DIR": str(REPO / "jupyter_config"),
+    "JUPYTER_DATA_DIR": str(LOCAL / "jupyter" / "data"),
+    "JUPYTER_RUNTIME_DIR": str(LOCAL / "jupyter" / "runtime"),
+    "JUPYTERLAB_SETTINGS_DIR": str(LOCAL / "jupyter" / "lab" / "user-settings"),
+    "JUPYTERLAB_WORKSPACES_DIR": str(LOCAL / "jupyter" / "lab" / "workspaces"),
+    "IPYTHONDIR": str(LOCAL / "ipython"),
+    "MPLCONFIGDIR": str(LOCAL / "matplotlib"),
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+# Kernels import the package from this checkout even where it is not pip-installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
+
+torch.set_num_threads(1)
+
+CHAPTERS = sorted((REPO / "book").glob("0*.md"))
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (make test installs it when it can)
+# From the toolchain notes: headless, and no background traffic of Chromium's own.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium_options() -> dict:
+    """Keyword arguments for playwright's ``chromium.launch*``; skips without chromium."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package "
+                    "(make test does when it runs as root)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright python package is not installed (see requirements.txt)")
+    return {"executable_path": str(CHROMIUM), "headless": True, "args": CHROMIUM_ARGS}
+NOTEBOOK_TESTS = "test_notebooks.py"
+
+
+def _nbval_file_class():
+    """nbval's notebook collector, subclassed to read MyST Markdown through jupytext."""
+    import jupytext
+    import nbval.plugin
+
+    class MystNotebook(nbval.plugin.IPyNbFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # --nbval-lax semantics without the global flag: run every cell, compare nothing.
+            self.compare_outputs = False
+
+        def collect(self):
+            # IPyNbFile.collect reads the file with nbformat.read, which only parses .ipynb JSON;
+            # hand it the notebook jupytext parsed instead. pytest consumes the generator at
+            # once, so the patch is active for this file's collection only.
+            notebook = jupytext.read(self.path)
+            with mock.patch.object(nbval.plugin.nbformat, "read", lambda *a, **k: notebook):
+                yield from super().collect()
+
+    return MystNotebook
+
+
+class BookChapters(pytest.File):
+    """Stands for tests/test_notebooks.py: one nbval notebook per book chapter."""
+
+    def collect(self):
+        if not CHAPTERS:
+            pytest.skip("no chapters in book/ yet")
+        notebook_class = _nbval_file_class()
+        for chapter in CHAPTERS:
+            yield notebook_class.from_parent(self, path=chapter)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name == NOTEBOOK_TESTS and module_path.parent == REPO / "tests":
+        return BookChapters.from_parent(parent, path=module_path)
+    return None
+

@@ -1,0 +1,232 @@
+"""The built book in a real browser: every page of ``_build/html``, offline.
+
+Serves the built HTML on 127.0.0.1 and opens each page in Debian's headless Chromium through
+Playwright. On every page: no console errors, no failed requests, no request to another host
+(the site must work offline), math typeset by MathJax without errors, every image loaded,
+exercise solutions collapsed until clicked, and every internal link answered with HTTP 200.
+A full-page screenshot of each chapter goes to ``_build/screenshots/`` for review.
+
+Needs ``make book`` first (``make test`` does it) and /usr/bin/chromium (``make test`` installs
+it when it runs as root on Debian; see the ``chromium_options`` fixture in conftest.py); skips
+with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urldefrag, urlsplit
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HTML = REPO / "_build" / "html"
+SCREENSHOTS = REPO / "_build" / "screenshots"
+HOST = "127.0.0.1"
+# Folders of the build that hold assets and sources, not pages.
+NOT_PAGES = {"_static", "_sources", "_images", "_sphinx_design_static", "_panels_static"}
+
+pytestmark = pytest.mark.browser
+
+
+def built_pages() -> list[str]:
+    """Every HTML page of the built book, as a path relative to _build/html."""
+    if not HTML.is_dir():
+        return []
+    return sorted(
+        p.relative_to(HTML).as_posix()
+        for p in HTML.rglob("*.html")
+        if not NOT_PAGES.intersection(p.relative_to(HTML).parts)
+    )
+
+
+def is_chapter(page: str) -> bool:
+    return Path(page).name[:1].isdigit()
+
+
+PAGES = built_pages()
+
+
+if not (HTML / "index.html").is_file():
+    pytest.skip(f"the book is not built ({HTML} has no index.html): run `make book` first",
+                allow_module_level=True)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    """http://127.0.0.1:<random port>/ serving _build/html from a background thread."""
+    handler = functools.partial(QuietHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory, chromium_options):
+    """One Chromium with a fresh profile (no cache, no stored theme) for all pages."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path_factory.mktemp("chromium-profile")),
+            **chromium_options,
+            viewport={"width": 1440, "height": 900},
+        )
+        context.set_default_timeout(30_000)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+class PageLog:
+    """What a page did while it loaded: console errors, failed and foreign requests."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        self.failed: list[str] = []
+        self.foreign: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught exception: {exc}"))
+        page.on("request", self._request)
+        page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
+        page.on("response", self._response)
+
+    def _console(self, message):
+        if message.type == "error":
+            self.errors.append(f"console error: {message.text} at {message.location}")
+
+    def _request(self, request):
+        parts = urlsplit(request.url)
+        if parts.scheme not in ("data", "blob", "about") and parts.hostname != HOST:
+            self.foreign.append(request.url)
+
+    def _response(self, response):
+        if response.status >= 400:
+            self.failed.append(f"{response.url} (HTTP {response.status})")
+
+
+# Waits for MathJax's first typesetting pass, then lists math that did not become mjx-container.
+UNTYPESET_MATH_JS = """
+async () => {
+  const math = [...document.querySelectorAll('.math')];
+  if (math.length === 0) return {count: 0, untypeset: [], errors: []};
+  const deadline = Date.now() + 20000;
+  while (!(window.MathJax && MathJax.startup && MathJax.startup.promise) && Date.now() < deadline) {
+    await new Promise(r => setTimeout(r, 100));
+  }
+  if (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) {
+    return {count: math.length, untypeset: ['MathJax never loaded'], errors: []};
+  }
+  await MathJax.startup.promise;
+  return {
+    count: math.length,
+    untypeset: math.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 80)),
+    errors: [...document.querySelectorAll('mjx-merror')].map(e => e.textContent.slice(0, 80)),
+  };
+}
+"""
+
+# Loads every image eagerly, waits for all of them, and lists those that did not decode.
+BROKEN_IMAGES_JS = """
+async () => {
+  const images = [...document.images];
+  images.forEach(img => { img.loading = 'eager'; });
+  await Promise.all(images.map(img => img.complete ? null : new Promise(done => {
+    img.addEventListener('load', done); img.addEventListener('error', done);
+  })));
+  return images.filter(img => !(img.naturalWidth > 0)).map(img => img.currentSrc || img.src);
+}
+"""
+
+
+def internal_links(page) -> set[str]:
+    """Every link on the page that stays on this site, without its #fragment."""
+    hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+    return {urldefrag(h)[0] for h in hrefs if urlsplit(h).hostname == HOST}
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def check_solutions(page) -> list[str]:
+    """Each solution starts collapsed and opens when its toggle button is clicked."""
+    problems = []
+    solutions = page.locator(".solution.admonition")
+    for i in range(solutions.count()):
+        solution = solutions.nth(i)
+        body = solution.locator(":scope > :not(.admonition-title)").first
+        name = solution.get_attribute("id")
+        if body.is_visible():
+            problems.append(f"solution {name} is open before any click")
+            continue
+        solution.locator("button.toggle-button").first.click()
+        try:
+            body.wait_for(state="visible", timeout=5_000)
+        except Exception:  # playwright's TimeoutError
+            problems.append(f"solution {name} did not open on click")
+    return problems
+
+
+def test_the_book_has_pages():
+    """Guards the parametrized test below against silently running on nothing."""
+    assert "book/intro.html" in PAGES
+    assert any(is_chapter(p) for p in PAGES), "no chapter page was built"
+
+
+@pytest.mark.parametrize("page_path", PAGES)
+def test_page_works_offline(page_path, base_url, browser_context):
+    page = browser_context.new_page()
+    log = PageLog(page)
+    try:
+        page.goto(base_url + page_path, wait_until="load")
+        if "http-equiv=\"refresh\"" in (HTML / page_path).read_text(encoding="utf-8").lower():
+            # index.html forwards to the landing page; check where it lands.
+            page.wait_for_url("**/book/intro.html")
+            page.wait_for_load_state("load")
+        page.wait_for_load_state("networkidle")
+
+        math = page.evaluate(UNTYPESET_MATH_JS)
+        assert not math["untypeset"], f"math not typeset: {math['untypeset']}"
+        assert not math["errors"], f"MathJax errors: {math['errors']}"
+        if math["count"]:
+            assert page.locator("mjx-container").count() > 0
+
+        broken = page.evaluate(BROKEN_IMAGES_JS)
+        assert not broken, f"images that did not load: {broken}"
+
+        problems = check_solutions(page)
+        assert not problems, "; ".join(problems)
+
+        dead = {u: s for u in sorted(internal_links(page)) if (s := http_status(u)) != 200}
+        assert not dead, f"internal links that do not answer 200: {dead}"
+
+        if is_chapter(page_path):
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / f"{Path(page_path).stem}.png"), full_page=True)
+
+        page.wait_for_load_state("networkidle")
+        assert not log.foreign, f"requests to other hosts (the site must work offline): {log.foreign}"
+        assert not log.failed, f"failed requests: {log.failed}"
+        assert not log.errors, "\n".join(log.errors)
+    finally:
+        page.close()
