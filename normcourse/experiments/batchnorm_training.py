@@ -1,0 +1,197 @@
+"""Chapter 3's experiments: training the BN paper's MNIST network with and without batch norm.
+
+Every function returns ``normcourse.train.History`` objects (or plain dicts of numbers), so that the
+chapter plots what it gets and ``tests/test_claims_ch1_3.py`` asserts the chapter's claims over
+several seeds by calling the same functions with the same settings.
+
+The network is the paper's (Sec. 4.1): 784-100-100-100-10, sigmoid hidden units, batch 60,
+cross-entropy. The paper gives no optimizer or learning rate; we use plain SGD (no momentum) with
+learning rate 0.5 and PyTorch's default initialization unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from normcourse import data as nc_data
+from normcourse import models, reference
+from normcourse.gradcheck import rel_error
+from normcourse.train import ActivationProbe, History, train
+from normcourse.utils import seed_everything
+
+__all__ = [
+    "PAPER_SIZES",
+    "BATCH_SIZE",
+    "DEFAULT_LR",
+    "mnist_tensors",
+    "train_mlp",
+    "figure1",
+    "percentile_drift",
+    "final_test_accuracy",
+    "lr_sweep",
+    "init_scale_sweep",
+    "scale_invariance",
+]
+
+PAPER_SIZES = (784, 100, 100, 100, 10)
+BATCH_SIZE = 60
+DEFAULT_LR = 0.5
+
+
+def mnist_tensors(mnist: nc_data.MNIST) -> tuple[torch.Tensor, ...]:
+    """(x_train (N, 784), y_train (N,), x_test (M, 784), y_test (M,)), float32 in [0, 1].
+
+    Converted once, so that the many runs of a sweep do not convert the images again each time.
+    """
+    x_train, y_train = nc_data.to_tensors(mnist.train_images, mnist.train_labels)
+    x_test, y_test = nc_data.to_tensors(mnist.test_images, mnist.test_labels)
+    return x_train, y_train, x_test, y_test
+
+
+def train_mlp(
+    tensors: tuple[torch.Tensor, ...],
+    *,
+    norm: str,
+    seed: int,
+    steps: int,
+    lr: float = DEFAULT_LR,
+    eval_every: int | None = None,
+    init_scale: float | None = None,
+    norm_position: str = "before",
+    probe: bool = False,
+) -> History:
+    """Build the paper's MLP (seeded by ``seed``) and train it with SGD on ``tensors``.
+
+    norm: ``"none"`` or ``"batch"`` (``normcourse.nn.BatchNorm1d``; any ``models.NORMS`` works).
+    eval_every: None evaluates once, after the last step.
+    probe: record the 15th/50th/85th percentiles of the input to one sigmoid of the last hidden
+        layer (unit 0 of ``model.act3``) over the test set at every evaluation, into
+        ``history.probe_values[0]`` (the paper's Fig. 1(b, c)).
+    """
+    seed_everything(seed)  # the initial weights; train() reseeds for the batch order
+    model = models.mlp(PAPER_SIZES, norm=norm, activation="sigmoid", norm_position=norm_position,
+                       init_scale=init_scale)
+    probes = [ActivationProbe(model.act3, unit=0, percentiles=(15, 50, 85))] if probe else []
+    try:
+        return train(model, tensors, steps=steps, batch_size=BATCH_SIZE, lr=lr, optimizer="sgd",
+                     seed=seed, eval_every=eval_every or steps, probes=probes, progress=False)
+    finally:
+        for p in probes:
+            p.remove()
+
+
+def figure1(
+    tensors: tuple[torch.Tensor, ...],
+    *,
+    seed: int = 0,
+    steps: int = 4000,
+    eval_every: int = 100,
+    lr: float = DEFAULT_LR,
+    variants: Sequence[str] = ("none", "batch"),
+) -> dict[str, History]:
+    """The paper's Fig. 1: the MLP without and with batch norm, test accuracy and sigmoid-input
+    percentiles every ``eval_every`` steps.
+
+    variants: ``"none"``, ``"batch"`` (BN before the sigmoid, as in the paper) and
+    ``"batch_after"`` (BN after the sigmoid). Returns {variant: History}.
+    """
+    settings = {"none": ("none", "before"), "batch": ("batch", "before"),
+                "batch_after": ("batch", "after")}
+    histories = {}
+    for variant in variants:
+        if variant not in settings:
+            raise ValueError(f"unknown variant {variant!r}; choose from {sorted(settings)}")
+        norm, position = settings[variant]
+        histories[variant] = train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr,
+                                       eval_every=eval_every, norm_position=position, probe=True)
+    return histories
+
+
+def percentile_drift(history: History, window: int = 5) -> np.ndarray:
+    """How far each probed percentile of the sigmoid input moved over training -> (3,).
+
+    For the 15th, 50th and 85th percentile: max minus min over training of its moving average over
+    ``window`` consecutive records. The average separates the systematic drift that the paper's
+    Fig. 1(b) shows from record-to-record noise (batch norm's running statistics and the SGD
+    steps jiggle every record a little).
+    """
+    values = np.asarray(history.probe_values[0], dtype=np.float64)  # (records, 3)
+    if len(values) < window:
+        raise ValueError(f"need at least {window} probe records, got {len(values)}")
+    kernel = np.ones(window) / window
+    smoothed = np.stack([np.convolve(values[:, k], kernel, mode="valid") for k in range(values.shape[1])], axis=1)
+    return smoothed.max(axis=0) - smoothed.min(axis=0)
+
+
+def final_test_accuracy(history: History) -> float:
+    """Test accuracy after the last step; NaN if the loss blew up (the run stopped early)."""
+    return float("nan") if history.diverged else history.test_accuracy[-1]
+
+
+def lr_sweep(
+    tensors: tuple[torch.Tensor, ...],
+    lrs: Sequence[float],
+    *,
+    seed: int = 0,
+    steps: int = 1000,
+    norms: Sequence[str] = ("none", "batch"),
+) -> dict[tuple[str, float], History]:
+    """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
+    return {(norm, lr): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr)
+            for norm in norms for lr in lrs}
+
+
+def init_scale_sweep(
+    tensors: tuple[torch.Tensor, ...],
+    scales: Sequence[float],
+    *,
+    seed: int = 0,
+    steps: int = 1000,
+    lr: float = DEFAULT_LR,
+    norms: Sequence[str] = ("none", "batch"),
+) -> dict[tuple[str, float], History]:
+    """Train the MLP with every weight drawn from N(0, scale^2) (biases 0), with each norm.
+
+    Returns {(norm, scale): History}.
+    """
+    return {(norm, scale): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr,
+                                     init_scale=scale)
+            for norm in norms for scale in scales}
+
+
+def scale_invariance(a: float, seed: int = 0, batch: int = 60, fan_in: int = 50, width: int = 20,
+                     eps: float = 0.0) -> dict[str, float]:
+    """Check the BN paper's Sec. 3.3 numerically for x = u W^T followed by batch norm.
+
+    With weights ``W`` (width, fan_in) and ``a * W``, inputs ``u`` (batch, fan_in) and a random
+    upstream gradient, returns:
+
+    - ``output_diff``: max |BN((aW)u) - BN(Wu)| (0 up to rounding when eps = 0);
+    - ``du_rel_error``: relative error between the gradients with respect to u;
+    - ``dW_ratio_error``: relative error between ``a * dL/d(aW)`` and ``dL/dW``, i.e. how far the
+      gradient with respect to the scaled weights is from ``1/a`` times the original one.
+
+    ``eps`` is batch norm's epsilon: the paper's identities ignore it; with eps > 0 they hold up
+    to terms of order eps / variance.
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(batch, fan_in))
+    w = rng.normal(size=(width, fan_in)) / np.sqrt(fan_in)
+    gamma, beta = rng.normal(size=width), rng.normal(size=width)
+    dout = rng.normal(size=(batch, width))  # random upstream gradient
+
+    def forward_backward(weights):
+        out, cache = reference.batchnorm_forward(u @ weights.T, gamma, beta, eps=eps)
+        dx, _, _ = reference.batchnorm_backward_closed_form(dout, cache)
+        return out, dx @ weights, dx.T @ u  # output, dL/du, dL/dW
+
+    out, du, dw = forward_backward(w)
+    out_a, du_a, dw_a = forward_backward(a * w)
+    return {
+        "output_diff": float(np.abs(out_a - out).max()),
+        "du_rel_error": rel_error(du_a, du),
+        "dW_ratio_error": rel_error(a * dw_a, dw),
+    }
