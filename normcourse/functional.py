@@ -3,8 +3,9 @@
 Each layer comes twice:
 
 - an ``autograd.Function`` (``BatchNormFunction``, ``LayerNormFunction``, ``BatchRenormFunction``)
-  whose ``backward`` is the closed-form gradient derived in the book. It saves only the input and
-  two numbers per channel (or per row), not every intermediate of the forward pass, so it needs
+  whose ``backward`` is the closed-form gradient derived in the book. It saves one tensor of the
+  input's size (the input itself for batch norm and renorm, xhat for layer norm) and a few
+  numbers per channel (or per row), not every intermediate of the forward pass, so it needs
   less memory than letting autograd record the graph;
 - a plain composition of tensor operations (``batch_norm_autograd``, ...) that autograd
   differentiates for us, used to check the Functions and in the benchmarks.
@@ -28,6 +29,7 @@ Conventions (PyTorch's, see CONTRIBUTING.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,10 +67,23 @@ CHANNEL_LAYOUTS = "(N, C), (N, C, L) or (N, C, H, W)"
 
 # --------------------------------------------------------------------------------------------
 # Small helpers shared by the Functions and the compositions
+#
+# Speed. A normalization layer does a handful of operations per number it reads, so its time is
+# set by how many times it passes over the data, not by arithmetic (see the book's performance
+# appendix); on small inputs, by how many separate tensor operations Python launches. The code
+# therefore (1) keeps per-channel statistics with size-1 axes, e.g. (1, C, 1, 1), so that they
+# broadcast against x without reshaping or copying x; (2) combines every per-channel factor on
+# the C numbers first and then applies it to the data in one fused pass (torch.addcmul and
+# in-place operations on its own temporaries); (3) skips casts that would do nothing.
 # --------------------------------------------------------------------------------------------
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half-precision inputs (their sums would lose digits), else the input's dtype."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _cast(t, dtype):
+    """t converted to dtype; None stays None, and a tensor already in dtype is returned as is."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -78,7 +93,7 @@ def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View a per-channel vector ``(C,)`` as ``(1, C, 1, ...)`` so that it broadcasts against x."""
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+    return v.view((1, -1) + (1,) * (x.ndim - 2))
 
 
 def _values_per_channel(x: torch.Tensor) -> int:
@@ -86,30 +101,60 @@ def _values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def _scale_shift(xhat: torch.Tensor, weight, bias, view) -> torch.Tensor:
-    """gamma * xhat + beta, either of them optional; ``view`` shapes them for broadcasting."""
-    out = xhat
-    if weight is not None:
-        out = out * view(weight.to(xhat.dtype))
-    if bias is not None:
-        out = out + view(bias.to(xhat.dtype))
-    return out
+def _multiply_add(t: torch.Tensor, scale, shift) -> torch.Tensor:
+    """t * scale + shift, where scale and shift (either may be None) broadcast against t.
+
+    One fused pass (``torch.addcmul``) when both are given, except when they repeat along t's
+    innermost axis (per-channel factors of an (N, C, H, W) input): for two such operands
+    PyTorch's CPU kernel is not vectorized, and a multiplication followed by an in-place
+    addition is faster.
+    """
+    if scale is None:
+        return t if shift is None else t + shift
+    if shift is None:
+        return t * scale
+    if scale.shape[-1] == 1 < t.shape[-1]:
+        return (t * scale).add_(shift)
+    return torch.addcmul(shift, t, scale)
+
+
+def _centered_moments(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (x - mean, mean, biased variance), the statistics over ``dims`` kept as size-1 axes.
+
+    Two passes, the numerically stable way: the mean first, then the mean of the squared
+    deviations. The one-pass E[x^2] - E[x]^2 cancels catastrophically when the mean is large next
+    to the spread; ``torch.var_mean`` is as stable (Welford's algorithm) but several times slower
+    on a CPU. The centered x comes back because every caller needs it next. Half-precision inputs
+    are accumulated in float32.
+    """
+    x = _cast(x, _stats_dtype(x))
+    mean = x.mean(dims, keepdim=True)
+    centered = x - mean
+    if dims == tuple(range(x.ndim - len(dims), x.ndim)):
+        # the trailing axes (layer norm): each row lies contiguous in memory, and a vector norm
+        # sums its squares in one read without storing them (over other axes it is slow)
+        n = centered.numel() // mean.numel()
+        var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square() / n
+    else:
+        var = (centered * centered).mean(dims, keepdim=True)
+    return centered, mean, var
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of x: (N, C, *) -> (C,), (C,).
-
-    ``torch.var_mean`` never forms E[x^2] - E[x]^2 (which cancels catastrophically when the mean is
-    large); half-precision inputs are accumulated in float32.
-    """
-    var, mean = torch.var_mean(x.to(_stats_dtype(x)), dim=_reduce_dims(x), correction=0)
-    return mean, var
+    """Per-channel mean and biased variance of x: (N, C, *) -> (C,), (C,), computed in two passes
+    (see ``_centered_moments``); half-precision inputs are accumulated in float32."""
+    _, mean, var = _centered_moments(x, _reduce_dims(x))
+    return mean.flatten(), var.flatten()
 
 
 def _update_running_average(running: torch.Tensor, batch_value: torch.Tensor, momentum: float) -> None:
-    """running <- (1 - momentum) * running + momentum * batch_value, in place, outside autograd."""
-    with torch.no_grad():
-        running.mul_(1.0 - momentum).add_(batch_value.detach().to(running.dtype), alpha=momentum)
+    """running <- running + momentum * (batch_value - running), in place, outside autograd.
+
+    That is (1 - momentum) * running + momentum * batch_value, in one operation (``lerp_``).
+    ``batch_value`` may carry size-1 axes, (1, C, 1, 1) for a running buffer (C,).
+    """
+    # detached, so that autograd never records the update (see renorm_correction: no no_grad block)
+    running.lerp_(_cast(batch_value.detach().view(running.shape), running.dtype), momentum)
 
 
 def update_batch_norm_running_stats(running_mean, running_var, mean, var, momentum, m) -> None:
@@ -121,13 +166,16 @@ def update_batch_norm_running_stats(running_mean, running_var, mean, var, moment
 def renorm_correction(mean, sigma, running_mean, running_std, rmax, dmax):
     """Batch renorm's r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu) / sigma, +-dmax).
 
-    All arguments are per-channel vectors ``(C,)``. The result is detached: the paper treats r and d
-    as constants for the gradient (stop_gradient).
+    All arguments are per-channel tensors of one shape, ``(C,)`` or ``(1, C, 1, ...)``. The result
+    is detached: the paper treats r and d as constants for the gradient (stop_gradient).
     """
-    with torch.no_grad():
-        running_std = running_std.to(sigma.dtype)
-        r = (sigma / running_std).clamp(1.0 / rmax, rmax)
-        d = ((mean - running_mean.to(mean.dtype)) / running_std).clamp(-dmax, dmax)
+    # detach() rather than a torch.no_grad() block: torch.compile mishandles a no_grad block
+    # inside an autograd.Function that also updates its inputs in place (the backward pass then
+    # saw r and d computed from the *updated* running averages)
+    sigma, mean = sigma.detach(), mean.detach()
+    running_std = _cast(running_std, sigma.dtype)
+    r = (sigma / running_std).clamp_(1.0 / rmax, rmax)
+    d = ((mean - _cast(running_mean, mean.dtype)) / running_std).clamp_(-dmax, dmax)
     return r, d
 
 
@@ -155,47 +203,79 @@ def renorm_limits(step, rmax=3.0, dmax=5.0, warmup_steps=5000, rmax_steps=40000,
 # Forward passes: one implementation each, run by the Function (grad off) and the composition
 # (autograd records it)
 # --------------------------------------------------------------------------------------------
+def _channel_scale_shift(x, invstd, weight, bias, r=None, d=None):
+    """Per-channel (scale, shift), shapes (1, C, 1, ...), with y = (x - mean) * scale + shift.
+
+    y = gamma * ((x - mean) * invstd * r + d) + beta, so scale = gamma * r * invstd and
+    shift = gamma * d + beta (batch norm: r = 1, d = 0; shift None when it is 0). Combining
+    these C numbers first lets a single pass over the data produce y.
+    """
+    gamma = None if weight is None else _per_channel(_cast(weight, invstd.dtype), x)
+    beta = None if bias is None else _per_channel(_cast(bias, invstd.dtype), x)
+    scale = invstd if r is None else invstd * r
+    if gamma is not None:
+        scale = scale * gamma
+    if d is None:
+        return scale, beta
+    shift = d if gamma is None else d * gamma
+    return scale, shift if beta is None else shift + beta
+
+
+def _normalize_with_fixed_statistics(x, mean, invstd, weight, bias):
+    """Eval mode: y = (x - mean) * scale + shift = x * scale + (shift - mean * scale).
+
+    The statistics are constants, so y is one affine map of x: one pass, as torch does it.
+    """
+    scale, shift = _channel_scale_shift(x, invstd, weight, bias)
+    shift = -mean * scale if shift is None else shift - mean * scale
+    return _multiply_add(_cast(x, mean.dtype), scale, shift)
+
+
 def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    """Returns (out, mean, invstd); mean and invstd ``(C,)`` in the statistics dtype."""
+    """Returns (out, mean, invstd); mean and invstd (1, C, 1, ...) in the statistics dtype."""
     if training:
-        mean, var = batch_moments(x)
+        centered, mean, var = _centered_moments(x, _reduce_dims(x))
         if running_mean is not None:
             update_batch_norm_running_stats(
                 running_mean, running_var, mean, var, momentum, _values_per_channel(x)
             )
+        invstd = torch.rsqrt(var + eps)
+        out = _multiply_add(centered, *_channel_scale_shift(x, invstd, weight, bias))
     else:
         # a copy, so that a later in-place update of the buffer cannot alter what backward reads
-        mean = running_mean.to(_stats_dtype(x), copy=True)
-        var = running_var.to(_stats_dtype(x))
-    invstd = torch.rsqrt(var + eps)
-    view = lambda v: _per_channel(v, x)  # noqa: E731
-    xhat = (x.to(mean.dtype) - view(mean)) * view(invstd)
-    return _scale_shift(xhat, weight, bias, view).to(x.dtype), mean, invstd
+        mean = _per_channel(running_mean.to(_stats_dtype(x), copy=True), x)
+        invstd = torch.rsqrt(_per_channel(_cast(running_var, mean.dtype), x) + eps)
+        out = _normalize_with_fixed_statistics(x, mean, invstd, weight, bias)
+    return _cast(out, x.dtype), mean, invstd
 
 
 def _batch_renorm_forward(x, running_mean, running_std, weight, bias, training, rmax, dmax, momentum, eps):
-    """Returns (out, mean, invstd, r, d); r and d are None in eval mode.
+    """Returns (out, mean, invstd, r, d), per-channel (1, C, 1, ...); r, d None in eval mode.
 
     Order matters (a known mistake is to get it wrong): normalize with the batch statistics, then
     correct with r and d, then apply gamma and beta. r and d come from the running averages
     *before* this step's update.
     """
-    view = lambda v: _per_channel(v, x)  # noqa: E731
     if training:
-        mean, var = batch_moments(x)
+        centered, mean, var = _centered_moments(x, _reduce_dims(x))
         sigma = torch.sqrt(var + eps)
-        r, d = renorm_correction(mean, sigma, running_mean, running_std, rmax, dmax)
+        # r and d use a copy of the running averages taken before this step's update. (Not the
+        # buffers themselves: torch.compile 2.13 may recompute r and d in the backward pass from
+        # the buffers, after the update, and get the gradient wrong; it never recomputes a stack.)
+        before = _cast(torch.stack((running_mean, running_std)), mean.dtype)
+        view = lambda v: _per_channel(v, x)  # noqa: E731
+        r, d = renorm_correction(mean, sigma, view(before[0]), view(before[1]), rmax, dmax)
         _update_running_average(running_mean, mean, momentum)
         _update_running_average(running_std, sigma, momentum)
-        invstd = 1.0 / sigma
-        xhat = (x.to(mean.dtype) - view(mean)) * view(invstd) * view(r) + view(d)
+        invstd = sigma.reciprocal()
+        out = _multiply_add(centered, *_channel_scale_shift(x, invstd, weight, bias, r, d))
     else:
         # inference: y = gamma * (x - mu) / sigma + beta, no eps (sigma already includes it)
-        mean = running_mean.to(_stats_dtype(x), copy=True)
-        invstd = 1.0 / running_std.to(_stats_dtype(x))
+        mean = _per_channel(running_mean.to(_stats_dtype(x), copy=True), x)
+        invstd = _per_channel(_cast(running_std, mean.dtype), x).reciprocal()
         r = d = None
-        xhat = (x.to(mean.dtype) - view(mean)) * view(invstd)
-    return _scale_shift(xhat, weight, bias, view).to(x.dtype), mean, invstd, r, d
+        out = _normalize_with_fixed_statistics(x, mean, invstd, weight, bias)
+    return _cast(out, x.dtype), mean, invstd, r, d
 
 
 def _normalized_dims(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
@@ -203,14 +283,14 @@ def _normalized_dims(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
 
 
 def _layer_norm_forward(x, normalized_shape, weight, bias, eps):
-    """Returns (out, mean, rstd); mean and rstd have x's shape with the normalized axes kept as 1."""
-    var, mean = torch.var_mean(
-        x.to(_stats_dtype(x)), dim=_normalized_dims(x, normalized_shape), correction=0, keepdim=True
-    )
+    """Returns (out, xhat, rstd); rstd has x's shape with the normalized axes kept as 1."""
+    centered, _, var = _centered_moments(x, _normalized_dims(x, normalized_shape))
     rstd = torch.rsqrt(var + eps)
-    xhat = (x.to(mean.dtype) - mean) * rstd
-    # weight and bias have shape normalized_shape: they broadcast against the trailing axes as is
-    return _scale_shift(xhat, weight, bias, lambda v: v).to(x.dtype), mean, rstd
+    xhat = centered * rstd
+    # rstd varies across rows and gamma, beta (shape normalized_shape) along them: they cannot be
+    # combined into one factor as in batch norm, so xhat is formed (and the Function keeps it)
+    out = _multiply_add(xhat, _cast(weight, xhat.dtype), _cast(bias, xhat.dtype))
+    return _cast(out, x.dtype), xhat, rstd
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,42 +299,49 @@ def _layer_norm_forward(x, normalized_shape, weight, bias, eps):
 def _per_channel_backward(needs, dy, x, weight, mean, invstd, batch_stats, r=None, d=None):
     """Gradients of y = gamma * (xhat * r + d) + beta, xhat = (x - mean) * invstd, per channel.
 
-    Batch statistics (``batch_stats=True``), with N = values per channel and gamma' = gamma * r:
-        dx = gamma' * invstd / N * (N * dy - sum(dy) - xhat * sum(dy * xhat))
-    Fixed statistics (eval mode): dx = dy * gamma * invstd.
+    x, dy: (N, C, *); mean, invstd, r, d: (1, C, 1, ...); weight: (C,) or None.
+    With k = gamma * r * invstd and means over the n values of a channel:
+        batch statistics:  dx = k * (dy - mean(dy) - xhat * mean(dy * xhat))
+        fixed statistics (eval mode):  dx = k * dy
     dgamma = sum(dy * (xhat * r + d)), dbeta = sum(dy). Batch norm is r = 1, d = 0.
+    Returns dx (statistics dtype), dgamma and dbeta (C,) (None where not needed).
     """
     need_dx, need_dweight, need_dbias = needs
-    view = lambda v: _per_channel(v, x)  # noqa: E731
+    need_dweight = need_dweight and weight is not None
     dims = _reduce_dims(x)
-    dy = dy.to(mean.dtype)
-    xhat = (x.to(mean.dtype) - view(mean)) * view(invstd)
-    sum_dy = dy.sum(dims)
-    sum_dy_xhat = (dy * xhat).sum(dims)
+    dy = _cast(dy, mean.dtype)
+    sum_dy = dy.sum(dims, keepdim=True)
+    if need_dweight or (need_dx and batch_stats):
+        # x - mean once more (it was not kept, to save memory), then sum(dy * xhat) as
+        # invstd * sum(dy * (x - mean)), the multiplication by invstd done on C numbers only.
+        # (sum(dy * x) - mean * sum(dy) would save a pass but cancels when the mean is large.)
+        centered = _cast(x, mean.dtype) - mean
+        sum_dy_xhat = (dy * centered).sum(dims, keepdim=True).mul_(invstd)
 
     dx = dweight = dbias = None
     if need_dx:
-        scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-        if r is not None:
-            scale = scale * r
+        k, _ = _channel_scale_shift(x, invstd, weight, None, r)
         if batch_stats:
-            n = _values_per_channel(x)
-            dx = view(scale) * (dy - view(sum_dy / n) - xhat * view(sum_dy_xhat / n))
+            # Expanded: dx = (x - mean) * (-k/n * invstd * sum(dy * xhat)) + k * dy - k/n * sum(dy),
+            # per-channel numbers times one tensor each: built in place in the centered x's memory
+            minus_k_n = k * (-1.0 / _values_per_channel(x))
+            dx = centered.mul_(minus_k_n * invstd * sum_dy_xhat)
+            dx.addcmul_(dy, k).add_(minus_k_n * sum_dy)
         else:
-            dx = dy * view(scale)
-        dx = dx.to(x.dtype)
-    if need_dweight and weight is not None:
+            dx = dy * k
+    if need_dweight:
         dweight = sum_dy_xhat if r is None else r * sum_dy_xhat + d * sum_dy
-        dweight = dweight.to(weight.dtype)
+        dweight = _cast(dweight.flatten(), weight.dtype)
     if need_dbias:
-        dbias = sum_dy
+        dbias = sum_dy.flatten()
     return dx, dweight, dbias
 
 
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm with the closed-form backward. x: (N, C, *); weight, bias, running stats: (C,).
 
-    Saves x, the per-channel mean and invstd (and gamma): backward recomputes xhat from them.
+    Saves x itself (no new memory: the caller holds x anyway), gamma, and two numbers per
+    channel (mean and invstd); backward recomputes x - mean from them.
     Running statistics are updated in place in the forward pass (training mode only).
     """
 
@@ -265,7 +352,7 @@ class BatchNormFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
@@ -274,17 +361,16 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         dx, dweight, dbias = _per_channel_backward(needs, dy, x, weight, mean, invstd, ctx.training)
-        if dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype)
         # no gradient for the running statistics, training, momentum, eps
-        return dx, None, None, dweight, dbias, None, None, None
+        return _cast(dx, ctx.dtypes[0]), None, None, dweight, _cast(dbias, ctx.dtypes[1]), None, None, None
 
 
 class BatchRenormFunction(torch.autograd.Function):
     """Batch renormalization with the closed-form backward. x: (N, C, *); the rest: (C,).
 
     r and d are constants for the gradient, so dx is batch norm's backward with gamma * r and
-    dgamma = sum(dy * (r * xhat_B + d)). In eval mode it is an affine map of x.
+    dgamma = sum(dy * (r * xhat_B + d)). In eval mode it is an affine map of x. Saves what
+    BatchNormFunction saves, plus r and d.
     """
 
     @staticmethod
@@ -294,7 +380,7 @@ class BatchRenormFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, mean, invstd, r, d)
         ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
@@ -305,48 +391,59 @@ class BatchRenormFunction(torch.autograd.Function):
         dx, dweight, dbias = _per_channel_backward(
             needs, dy, x, weight, mean, invstd, ctx.training, r, d
         )
-        if dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, None, None, dweight, dbias, None, None, None, None, None
+        return _cast(dx, ctx.dtypes[0]), None, None, dweight, _cast(dbias, ctx.dtypes[1]), None, None, None, None, None
 
 
 class LayerNormFunction(torch.autograd.Function):
     """Layer norm with the closed-form backward. x: (*, *normalized_shape); weight, bias:
     normalized_shape.
 
-    Per row, with g = dy * gamma and H = prod(normalized_shape):
+    Saves xhat (one tensor of x's size, which computing the output formed anyway), gamma and
+    rstd. Per row, with g = dy * gamma and the means over the row's H values:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
     """
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
-        out, mean, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        out, xhat, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(xhat, weight, rstd)
         ctx.normalized_shape = tuple(normalized_shape)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dims = _normalized_dims(x, ctx.normalized_shape)
-        leading = tuple(range(x.ndim - len(ctx.normalized_shape)))
-        dy32 = dy.to(mean.dtype)
-        xhat = (x.to(mean.dtype) - mean) * rstd
+        xhat, weight, rstd = ctx.saved_tensors
+        k = len(ctx.normalized_shape)
+        dims = tuple(range(xhat.ndim - k, xhat.ndim))
+        rows = tuple(range(xhat.ndim - k))
+        dy = _cast(dy, xhat.dtype)
+        dy_xhat = dy * xhat  # needed by dgamma and by dx
 
         def sum_over_rows(t):  # sum(dim=()) would sum everything, hence the guard
-            return t.sum(leading) if leading else t
+            return t.sum(rows) if rows else t
 
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            g = dy32 if weight is None else dy32 * weight.to(mean.dtype)
-            dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-            dx = dx.to(x.dtype)
+            h = math.prod(ctx.normalized_shape)
+            if weight is None:
+                sum_g, sum_g_xhat = dy.sum(dims, keepdim=True), dy_xhat.sum(dims, keepdim=True)
+                g_centered = dy - sum_g / h
+            else:
+                # sum(g) and sum(g * xhat) per row, g = dy * gamma, as matrix-vector products
+                # with gamma: they read dy and dy * xhat once and store nothing
+                gamma = _cast(weight, xhat.dtype)
+                sum_g = (dy.flatten(-k) @ gamma.flatten()).view(rstd.shape)
+                sum_g_xhat = (dy_xhat.flatten(-k) @ gamma.flatten()).view(rstd.shape)
+                g_centered = torch.addcmul(sum_g / -h, dy, gamma)  # g - mean(g), one pass
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), finished in place
+            dx = g_centered.addcmul_(xhat, sum_g_xhat, value=-1.0 / h).mul_(rstd)
+            dx = _cast(dx, ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
-            dweight = sum_over_rows(dy32 * xhat).to(weight.dtype)
+            dweight = _cast(sum_over_rows(dy_xhat), weight.dtype)
         if ctx.needs_input_grad[3]:
-            dbias = sum_over_rows(dy32).to(ctx.bias_dtype)
+            dbias = _cast(sum_over_rows(dy), ctx.dtypes[1])
         return dx, None, dweight, dbias, None
 
 

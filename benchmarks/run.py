@@ -1,0 +1,63 @@
+"""Benchmark the normalization layers: forward+backward time and memory, as ratios to torch.
+
+Usage::
+
+    python benchmarks/run.py                 # CPU, one thread; CUDA too when a GPU is present
+    python benchmarks/run.py --quick         # fewer repetitions, no torch.compile (a smoke run)
+    python benchmarks/run.py --out DIR       # where the JSON, the markdown table and the plot go
+
+What is measured and how: see ``normcourse/benchmarking.py``. This is a script, not a test:
+timings depend on the machine and on its load, so run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no window
+
+from normcourse.benchmarking import markdown_table, measure_bandwidth, plot_ratios, run_benchmarks
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", action="append", help="cpu, cuda (default: cpu, and cuda if present)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in devices:
+        device = torch.device(name)
+        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+        bandwidth = measure_bandwidth(device)
+        print(f"# {name}: {machine}, {args.threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
+        results = run_benchmarks(device, args.quick)
+        report = {
+            "device": name,
+            "machine": machine,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "quick": args.quick,
+            "results": results,
+        }
+        (args.out / f"benchmark_{name}.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"benchmark_{name}.md").write_text(markdown_table(results))
+        title = f"forward+backward time relative to torch ({name}, {args.threads} thread)"
+        plot_ratios(results, title).savefig(args.out / f"benchmark_{name}.png", dpi=120)
+        print(f"wrote {args.out}/benchmark_{name}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

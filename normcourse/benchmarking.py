@@ -1,0 +1,212 @@
+"""Measure normalization layers: forward+backward time and saved memory, as ratios to torch.
+
+The library behind ``benchmarks/run.py`` and the book's performance appendix. For each layer and
+shape it times one forward plus backward pass of
+
+- ``native``: torch's own op (``F.batch_norm``, ``F.layer_norm``; batch renorm has no torch op, so
+  its baseline is torch's batch norm on the same shape: a fused renorm does the same memory
+  traffic up to two clips),
+- ``function``: normcourse's ``torch.autograd.Function`` with the closed-form backward,
+- ``autograd``: the plain composition of torch operations, differentiated by autograd,
+- ``compiled``: the closed-form Function under ``torch.compile`` (inductor),
+
+and records the median time, the ratio to ``native``, and the memory that the forward pass keeps
+for the backward pass (bytes of the tensors autograd saves, counted with saved-tensor hooks: exact
+and repeatable, unlike a process's resident memory). On CUDA it also records peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as tF
+
+from normcourse import functional as ncF
+
+# (name, shape): (N, C) for fully connected layers, (N, C, H, W) for conv layers.
+SHAPES = [
+    ("fc 256x512", (256, 512)),
+    ("fc 4096x256", (4096, 256)),
+    ("conv 32x64x16x16", (32, 64, 16, 16)),
+    ("conv 8x32x56x56", (8, 32, 56, 56)),
+]
+
+
+def _channel_args(shape, device):
+    c = shape[1]
+    weight = torch.rand(c, device=device) + 0.5
+    bias = torch.randn(c, device=device)
+    return weight.requires_grad_(), bias.requires_grad_()
+
+
+def make_cases(layer: str, shape, device):
+    """Return {variant: closure running one forward+backward}, and the input tensors."""
+    x = torch.randn(shape, device=device).requires_grad_()
+    dy = torch.randn(shape, device=device)
+    if layer == "layer_norm":
+        normalized = shape[1:]
+        weight = (torch.rand(normalized, device=device) + 0.5).requires_grad_()
+        bias = torch.randn(normalized, device=device).requires_grad_()
+        native = lambda: tF.layer_norm(x, normalized, weight, bias, 1e-5)
+        ours = lambda: ncF.layer_norm(x, normalized, weight, bias, 1e-5)
+        composed = lambda: ncF.layer_norm_autograd(x, normalized, weight, bias, 1e-5)
+    else:
+        weight, bias = _channel_args(shape, device)
+        c = shape[1]
+        rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+        native = lambda: tF.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)
+        if layer == "batch_norm":
+            ours = lambda: ncF.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5)
+            composed = lambda: ncF.batch_norm_autograd(x, rm, rv, weight, bias, True, 0.1, 1e-5)
+        else:
+            # running_std away from the batch std so that r and d are not trivially 1 and 0
+            rs = torch.full((c,), 0.8, device=device)
+            ours = lambda: ncF.batch_renorm(x, rm, rs, weight, bias, True, 3.0, 5.0, 0.01, 1e-5)
+            composed = lambda: ncF.batch_renorm_autograd(x, rm, rs, weight, bias, True, 3.0, 5.0, 0.01, 1e-5)
+    params = [p for p in (x, weight, bias)]
+
+    def step(fn):
+        def run():
+            for p in params:
+                p.grad = None
+            fn().backward(dy)
+        return run
+
+    return {"native": step(native), "function": step(ours), "autograd": step(composed)}, ours, step
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the tensors autograd saves for backward during one forward pass."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total
+
+
+def median_time(run, device, repeats: int, min_time: float) -> float:
+    """Median seconds per call over ``repeats`` timed blocks of enough calls to last ``min_time``.
+
+    On a CPU the clock is the process's CPU time (``time.process_time``): on a machine shared with
+    other work, the time spent waiting for a free core is not counted, whereas wall-clock time
+    would add it at random. On CUDA it is wall-clock time between synchronisations.
+    """
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time
+    for _ in range(3):
+        run()
+    sync()
+    calls, t0 = 0, clock()
+    while clock() - t0 < min_time:
+        run()
+        calls += 1
+    sync()
+    samples = []
+    for _ in range(repeats):
+        sync()
+        t0 = clock()
+        for _ in range(calls):
+            run()
+        sync()
+        samples.append((clock() - t0) / calls)
+    return statistics.median(samples)
+
+
+def measure_bandwidth(device) -> float:
+    """Bytes per second of a large tensor copy (read + write): the ceiling a memory-bound op meets."""
+    src = torch.randn(32 * 1024 * 1024 // 4 * 8, device=device)  # 32 MiB x 8 = 256 MiB
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, repeats=5, min_time=0.2)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def run_benchmarks(device, quick: bool, log=print, compile: bool | None = None, compile_backend: str = "inductor"):
+    """One row per (layer, shape) of ``SHAPES``: each variant's time, ratio to native, saved bytes.
+
+    ``quick``: fewer and shorter timed blocks. ``compile`` (default: ``not quick``) adds the
+    ``compiled`` variant, built with ``torch.compile(backend=compile_backend)``.
+    """
+    results = []
+    repeats, min_time = (3, 0.01) if quick else (7, 0.2)
+    compile = not quick if compile is None else compile
+    for layer in ("batch_norm", "layer_norm", "batch_renorm"):
+        for shape_name, shape in SHAPES:
+            torch.manual_seed(0)
+            cases, ours, step = make_cases(layer, shape, device)
+            if compile:
+                torch._dynamo.reset()  # a fresh compilation for every case, no recompile limits
+                compiled = torch.compile(ours, dynamic=False, backend=compile_backend)
+                cases["compiled"] = step(compiled)
+            row = {"layer": layer, "shape": shape_name, "elements": math.prod(shape)}
+            for variant, run in cases.items():
+                t = median_time(run, device, repeats, min_time)
+                entry = {"seconds": t, "saved_bytes": saved_bytes(run)}
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    run()
+                    entry["peak_bytes"] = torch.cuda.max_memory_allocated()
+                row[variant] = entry
+            for variant in cases:
+                row[variant]["ratio"] = row[variant]["seconds"] / row["native"]["seconds"]
+            results.append(row)
+            log(format_row(row))
+    return results
+
+
+def format_row(row) -> str:
+    parts = [f"{row['layer']:<13} {row['shape']:<18}"]
+    for variant in ("native", "function", "autograd", "compiled"):
+        if variant in row:
+            e = row[variant]
+            parts.append(f"{variant} {e['seconds'] * 1e3:7.3f} ms x{e['ratio']:4.2f} {e['saved_bytes'] / 2**20:6.2f} MiB")
+    return " | ".join(parts)
+
+
+def markdown_table(results) -> str:
+    variants = [v for v in ("native", "function", "autograd", "compiled") if v in results[0]]
+    head = "| layer | shape | " + " | ".join(f"{v} ms (x native)" for v in variants)
+    head += " | " + " | ".join(f"{v} saved MiB" for v in variants) + " |"
+    lines = [head, "|" + " --- |" * (2 + 2 * len(variants))]
+    for r in results:
+        times = " | ".join(f"{r[v]['seconds'] * 1e3:.3f} ({r[v]['ratio']:.2f}x)" for v in variants)
+        mems = " | ".join(f"{r[v]['saved_bytes'] / 2**20:.2f}" for v in variants)
+        lines.append(f"| {r['layer']} | {r['shape']} | {times} | {mems} |")
+    return "\n".join(lines) + "\n"
+
+
+def minimum_traffic_bytes(elements: int, itemsize: int = 4) -> int:
+    """Fewest bytes one forward+backward pass must move between memory and the cores.
+
+    Forward reads x and writes y; backward reads dy and x (or a saved xhat) and writes dx: five
+    tensor-sized transfers. The per-channel statistics and parameters are negligible next to them.
+    """
+    return 5 * elements * itemsize
+
+
+def plot_ratios(results, title: str):
+    """Bar chart of each variant's time relative to torch's native op; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in ("function", "autograd", "compiled") if v in results[0]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['layer'].replace('_', ' ')}\n{r['shape']}" for r in results]
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        ax.bar([j + i * width for j in range(len(results))], [r[v]["ratio"] for r in results], width, label=v)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(results))], labels, fontsize=7,
+                  rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_ylabel("time / torch native (lower is better)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,141 @@
+"""normcourse.benchmarking and the memory claims of the performance appendix. Nothing here is timed.
+
+- Memory: for every layer, the closed-form Function keeps strictly fewer bytes for the backward
+  pass than the autograd composition. Counted exactly with saved-tensor hooks, so the check is
+  deterministic (a timing never is).
+- The benchmark's quick path runs end to end on a tiny shape list and yields a row per (layer,
+  shape) with every variant, its ratio to native, and the table and plot built from them.
+- torch.compile gives the Functions' gradients (batch renorm updates its inputs in place, which
+  torch 2.13's partitioner once got wrong); checked with the fast ``aot_eager_decomp_partition``
+  backend, which runs the same partitioner as inductor without compiling C++.
+"""
+
+import pytest
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from normcourse import benchmarking as B  # noqa: E402
+from normcourse import functional as nf  # noqa: E402
+
+torch.set_num_threads(1)
+
+LAYERS = ["batch_norm", "layer_norm", "batch_renorm"]
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("shape", [(16, 8), (4, 3, 5, 5)])
+def test_function_saves_less_than_autograd_and_no_more_than_native(layer, shape):
+    torch.manual_seed(0)
+    cases, _, _ = B.make_cases(layer, shape, CPU)
+    saved = {variant: B.saved_bytes(run) for variant, run in cases.items()}
+    assert saved["function"] < saved["autograd"], saved
+    # one tensor of x's size plus per-channel (or per-row) vectors, like torch's own kernels:
+    # the input itself for batch norm / renorm, xhat for layer norm
+    elements, itemsize = torch.Size(shape).numel(), 4
+    assert elements * itemsize <= saved["function"] < 2 * elements * itemsize, saved
+    assert saved["autograd"] >= 2 * elements * itemsize, saved
+
+
+def test_saved_bytes_counts_exactly_what_autograd_keeps():
+    x = torch.randn(10, 3, requires_grad=True)
+    # exp saves its output (30 floats); sum saves nothing but sizes
+    assert B.saved_bytes(lambda: x.exp().sum().backward()) == 30 * 4
+    # mul of two tensors saves both operands
+    y = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    assert B.saved_bytes(lambda: (y * y.detach()).sum().backward()) == 30 * 8
+
+
+@pytest.fixture
+def tiny_shapes(monkeypatch):
+    monkeypatch.setattr(B, "SHAPES", [("fc 8x4", (8, 4)), ("conv 2x3x2x2", (2, 3, 2, 2))])
+
+
+def test_quick_benchmark_runs_end_to_end(monkeypatch, tmp_path):
+    monkeypatch.setattr(B, "SHAPES", [("fc 8x4", (8, 4))])
+    lines = []
+    # the compiled variant through dynamo only (backend "eager"): inductor's C++ build would take
+    # most of a minute; the compiled Functions' numbers are checked below with AOT autograd
+    results = B.run_benchmarks(CPU, quick=True, log=lines.append, compile=True, compile_backend="eager")
+    assert [(r["layer"], r["shape"]) for r in results] == [
+        (layer, "fc 8x4") for layer in LAYERS
+    ]
+    assert len(lines) == len(results)
+    for r in results:
+        assert r["elements"] == 32
+        for variant in ("native", "function", "autograd", "compiled"):
+            entry = r[variant]
+            assert entry["seconds"] > 0 and entry["saved_bytes"] >= 0
+            assert entry["ratio"] == pytest.approx(entry["seconds"] / r["native"]["seconds"])
+        assert r["native"]["ratio"] == 1.0
+        assert 0 < r["function"]["saved_bytes"] < r["autograd"]["saved_bytes"]
+
+    table = B.markdown_table(results)
+    rows = table.strip().splitlines()
+    assert len(rows) == 2 + len(results)
+    for variant in ("native", "function", "autograd", "compiled"):
+        assert f"{variant} ms (x native)" in rows[0] and f"{variant} saved MiB" in rows[0]
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+    assert f"({results[0]['function']['ratio']:.2f}x)" in rows[2]
+
+    fig = B.plot_ratios(results, "test")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3 * len(results)  # function, autograd, compiled per row
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["function", "autograd", "compiled"]
+    fig.savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_run_script_writes_json_table_and_plot(tiny_shapes, tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    monkeypatch.setattr(run, "measure_bandwidth", lambda device: 1e9)  # skip the 256 MiB copy
+    run.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    report = json.loads((tmp_path / "benchmark_cpu.json").read_text())
+    assert report["device"] == "cpu" and report["threads"] == 1 and report["quick"] is True
+    assert len(report["results"]) == 3 * 2
+    assert (tmp_path / "benchmark_cpu.md").read_text() == B.markdown_table(report["results"])
+    assert (tmp_path / "benchmark_cpu.png").stat().st_size > 0
+
+
+def test_minimum_traffic_is_five_tensor_transfers():
+    assert B.minimum_traffic_bytes(1000) == 5 * 1000 * 4
+    assert B.minimum_traffic_bytes(1000, itemsize=2) == 5 * 1000 * 2
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_compiled_function_matches_eager(layer):
+    """Output, gradients and running statistics of the compiled Function equal the eager ones,
+    with momentum > 0 so that the running statistics change during the forward pass."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (12, 5)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    w = (0.5 + torch.rand(5, generator=gen)).requires_grad_()
+    b = torch.randn(5, generator=gen).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+
+    def fn(x, w, b, running_mean, running_second):
+        if layer == "batch_norm":
+            return nf.batch_norm(x, running_mean, running_second, w, b, True, 0.1, 1e-5)
+        if layer == "batch_renorm":  # limits tight enough that r and d are clipped
+            return nf.batch_renorm(x, running_mean, running_second, w, b, True, 1.2, 0.1, 0.1, 1e-5)
+        return nf.layer_norm(x, (5,), w, b, 1e-5)
+
+    results = []
+    torch._dynamo.reset()
+    for f in (fn, torch.compile(fn, backend="aot_eager_decomp_partition", fullgraph=True)):
+        running = (torch.linspace(-1, 1, 5), torch.linspace(0.5, 2, 5))
+        out = f(x, w, b, *running)
+        grads = torch.autograd.grad(out, (x, w, b), dy)
+        results.append((out, *grads, *running))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
