@@ -118,10 +118,11 @@ def test_bn_reaches_90_percent_in_fewer_than_half_the_steps(figure1_runs):
     source, runs = figure1_runs
     for seed, histories in runs.items():
         plain = histories["none"].first_step_reaching(0.90)
-        plain = plain if plain is not None else float("inf")  # not reached within the run
+        # chapter: the plain net gets to 90% after 2,500-2,900 steps, BN within 300-700
+        assert plain is not None and plain >= 2000, (source, seed, plain)
         for variant in ("batch", "batch_after"):
             with_bn = histories[variant].first_step_reaching(0.90)
-            assert with_bn is not None, (source, seed, variant)
+            assert with_bn is not None and with_bn <= 1000, (source, seed, variant, with_bn)
             assert with_bn < 0.5 * plain, (source, seed, variant, with_bn, plain)
 
 
@@ -130,7 +131,7 @@ def test_plain_net_is_near_chance_at_step_500_and_bn_is_not(figure1_runs):
     source, runs = figure1_runs
     for seed, histories in runs.items():
         at_500 = {k: h.test_accuracy[h.steps.index(500)] for k, h in histories.items()}
-        assert at_500["none"] < 0.5, (source, seed, at_500)
+        assert at_500["none"] < 0.2, (source, seed, at_500)          # chance is 0.1
         assert at_500["batch"] > 0.85, (source, seed, at_500)
 
 
@@ -147,8 +148,9 @@ def test_sigmoid_input_distribution_is_more_stable_with_bn(figure1_runs):
 def test_bn_after_the_sigmoid_is_not_worse_than_before(figure1_runs):
     source, runs = figure1_runs
     for seed, histories in runs.items():
+        # chapter: "after" ends slightly higher in our runs; the test guards only "not lower"
         before, after = histories["batch"].test_accuracy[-1], histories["batch_after"].test_accuracy[-1]
-        assert after > before - 0.005, (source, seed, before, after)
+        assert after >= before, (source, seed, before, after)
 
 
 @pytest.mark.slow
@@ -157,8 +159,8 @@ def test_bn_trains_at_learning_rates_where_the_plain_net_fails(auto_tensors, see
     runs = bt.lr_sweep(auto_tensors, (16.0, 32.0), seed=seed, steps=1000)
     for lr in (16.0, 32.0):
         plain = bt.final_test_accuracy(runs["none", lr])
-        assert np.isnan(plain) or plain < 0.2, (seed, lr, plain)      # chance is 0.1
-        assert bt.final_test_accuracy(runs["batch", lr]) > 0.8, (seed, lr)
+        assert np.isnan(plain) or plain < 0.15, (seed, lr, plain)     # chance is 0.1
+        assert bt.final_test_accuracy(runs["batch", lr]) > 0.85, (seed, lr)
 
 
 @pytest.mark.slow
@@ -167,6 +169,6 @@ def test_bn_trains_from_init_scales_where_the_plain_net_fails(auto_tensors, seed
     runs = bt.init_scale_sweep(auto_tensors, (0.001, 0.01, 3.0), seed=seed, steps=1000)
     acc = {key: bt.final_test_accuracy(history) for key, history in runs.items()}
     for scale in (0.001, 0.01):
-        assert acc["none", scale] < 0.3, (seed, scale, acc)          # chance is 0.1
+        assert acc["none", scale] < 0.25, (seed, scale, acc)         # chance is 0.1
         assert acc["batch", scale] > 0.85, (seed, scale, acc)
-    assert acc["batch", 3.0] > 0.75 and acc["batch", 3.0] > acc["none", 3.0] + 0.15, (seed, acc)
+    assert acc["batch", 3.0] > 0.8 and acc["batch", 3.0] > acc["none", 3.0] + 0.15, (seed, acc)
