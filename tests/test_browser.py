@@ -86,7 +86,9 @@ def browser_context(tmp_path_factory, chromium_options):
             **chromium_options,
             viewport={"width": 1440, "height": 900},
         )
-        context.set_default_timeout(30_000)
+        # Generous: under `make test` the browser shares 2 cores with training runs, and a page
+        # that loads in 2-3 s alone was seen to need over 30 s. A wait limit, not a tolerance.
+        context.set_default_timeout(120_000)
         try:
             yield context
         finally:
