@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ from normcourse.utils import seed_everything
 
 __all__ = [
     "BATCHNORM_TYPES",
+    "one_thread",
     "ClassifierResult",
     "batchnorm_layers",
     "mnist_tensors",
@@ -50,6 +52,24 @@ BATCHNORM_TYPES = (ncnn.BatchNorm1d, ncnn.BatchNorm2d, nn.BatchNorm1d, nn.BatchN
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     """The batch-norm layers of ``model`` (ours and torch's), in registration order."""
     return [m for m in model.modules() if isinstance(m, BATCHNORM_TYPES)]
+
+
+@contextmanager
+def one_thread():
+    """Run the block (or, as ``@one_thread()``, the function) with one PyTorch thread.
+
+    Seeds alone do not fix a run's numbers: with two threads PyTorch's CPU kernels split some
+    sums differently, the last bits of the gradients change, and a few hundred training steps
+    turn that into a different model (a different third decimal of the test accuracy). Every
+    experiment function that trains or evaluates runs under this guard, so its result depends
+    only on its arguments, not on the caller's thread setting. The caller's setting is restored.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +117,7 @@ def mnist_tensors(data, test_examples: int | None = None) -> tuple[torch.Tensor,
     return x_train, y_train, x_test, y_test
 
 
+@one_thread()
 def train_classifier(
     data,
     *,
@@ -119,7 +140,8 @@ def train_classifier(
     data: an ``MNIST`` or the tuple ``mnist_tensors`` returns. ``sampler`` yields index arrays
     into the training set (default: i.i.d. batches); pass ``normcourse.data.class_subset_batches``
     for non-i.i.d. batches. ``eval_every``: steps between the points of the recorded curves
-    (default: only at the end). Deterministic given ``seed``.
+    (default: only at the end). Deterministic given ``seed``: the same numbers in any process,
+    whatever ran before (the seeds are set here and the run is single-threaded).
     """
     tensors = mnist_tensors(data, test_examples)
     seed_everything(seed)
@@ -187,6 +209,7 @@ def running_mean_traces(
 
 
 @torch.no_grad()
+@one_thread()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, seed: int = 0) -> nn.Module:
     """Replace every batch norm's running statistics by population statistics of the final weights.
 
@@ -234,6 +257,7 @@ def batch_size_sweep(
     ]
 
 
+@one_thread()
 def recalibration_gain(result: ClassifierResult, data, calibration_examples: int = 8000,
                        test_examples: int | None = None) -> tuple[float, float]:
     """(eval accuracy with the moving averages, eval accuracy after ``recalibrate_batchnorm``).
@@ -256,6 +280,7 @@ def _copy(model: nn.Module) -> nn.Module:
 # Forgetting eval(): predictions that depend on the rest of the batch
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+@one_thread()
 def accuracy_on_sorted_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                                training: bool, in_place: bool = False) -> float:
     """Accuracy when the test set arrives sorted by label, in batches of ``batch_size``.
