@@ -16,7 +16,8 @@ import numpy as np
 
 from normcourse import reference
 from normcourse.experiments.batch_renorm import compare_norms
-from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, one_thread, train_classifier
+from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
+from normcourse.utils import one_thread
 from normcourse.recurrent import RecurrentClassifier
 from normcourse.train import History, evaluate, train
 from normcourse.utils import seed_everything

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,11 +25,10 @@ from normcourse import models, reference
 from normcourse import nn as ncnn
 from normcourse.data import MNIST, to_tensors
 from normcourse.train import evaluate, evaluate_with_batch_statistics, train
-from normcourse.utils import seed_everything
+from normcourse.utils import one_thread, seed_everything
 
 __all__ = [
     "BATCHNORM_TYPES",
-    "one_thread",
     "ClassifierResult",
     "batchnorm_layers",
     "mnist_tensors",
@@ -52,24 +50,6 @@ BATCHNORM_TYPES = (ncnn.BatchNorm1d, ncnn.BatchNorm2d, nn.BatchNorm1d, nn.BatchN
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     """The batch-norm layers of ``model`` (ours and torch's), in registration order."""
     return [m for m in model.modules() if isinstance(m, BATCHNORM_TYPES)]
-
-
-@contextmanager
-def one_thread():
-    """Run the block (or, as ``@one_thread()``, the function) with one PyTorch thread.
-
-    Seeds alone do not fix a run's numbers: with two threads PyTorch's CPU kernels split some
-    sums differently, the last bits of the gradients change, and a few hundred training steps
-    turn that into a different model (a different third decimal of the test accuracy). Every
-    experiment function that trains or evaluates runs under this guard, so its result depends
-    only on its arguments, not on the caller's thread setting. The caller's setting is restored.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
