@@ -7,6 +7,7 @@ import numpy as np
 from normcourse import gradcheck, reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, features, rng
+from normcourse.exercises.tasks._variants import normalized, per_channel_affine
 from normcourse.gradcheck import random_upstream
 
 EPS = 1e-5
@@ -24,10 +25,7 @@ def _forward_case(description, seed):
 
 def _bn(x, gamma, beta, eps, axis=0, ddof=0, eps_outside=False):
     """Batch norm with knobs for the usual mistakes (statistics over ``axis``)."""
-    mu = x.mean(axis=axis, keepdims=True)
-    var = x.var(axis=axis, ddof=ddof, keepdims=True)
-    std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
-    return gamma * (x - mu) / std + beta
+    return gamma * normalized(x, axis, eps, ddof, eps_outside) + beta
 
 
 def _forward_correct(x, gamma, beta, eps):
@@ -165,10 +163,7 @@ def _spatial_case(description, seed):
 
 
 def _spatial(x, gamma, beta, eps, axes, ddof=0):
-    mu = x.mean(axis=axes, keepdims=True)
-    var = x.var(axis=axes, ddof=ddof, keepdims=True)
-    xhat = (x - mu) / np.sqrt(var + eps)
-    return gamma[None, :, None, None] * xhat + beta[None, :, None, None]
+    return per_channel_affine(normalized(x, axes, eps, ddof), gamma, beta)
 
 
 SPATIAL_BATCHNORM_FORWARD = OutputTask(

@@ -7,6 +7,7 @@ import numpy as np
 from normcourse import reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, rng
+from normcourse.exercises.tasks._variants import normalized, per_channel_affine
 from normcourse.gradcheck import random_upstream
 
 EPS = 1e-5
@@ -32,10 +33,7 @@ def _forward_case(description, seed, n):
 
 
 def _ln(x, gamma, beta, eps, axis=-1, ddof=0, eps_outside=False):
-    mu = x.mean(axis=axis, keepdims=True)
-    var = x.var(axis=axis, ddof=ddof, keepdims=True)
-    std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
-    return gamma * (x - mu) / std + beta
+    return gamma * normalized(x, axis, eps, ddof, eps_outside) + beta
 
 
 LAYERNORM_FORWARD = OutputTask(
@@ -144,10 +142,7 @@ def _channels_correct(x, gamma, beta, eps):
 
 
 def _channels_over(x, gamma, beta, eps, axes):
-    mu = x.mean(axis=axes, keepdims=True)
-    var = x.var(axis=axes, keepdims=True)
-    xhat = (x - mu) / np.sqrt(var + eps)
-    return gamma[None, :, None, None] * xhat + beta[None, :, None, None]
+    return per_channel_affine(normalized(x, axes, eps), gamma, beta)
 
 
 LAYERNORM_CHANNELS_FIRST = OutputTask(
