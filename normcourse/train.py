@@ -31,9 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from normcourse.data import iid_batches, to_tensors
-from normcourse.validation import check_choice
-from normcourse.utils import seed_everything
-from normcourse.validation import check_floating
+from normcourse.utils import one_thread, seed_everything
+from normcourse.validation import check_choice, check_floating
 
 __all__ = [
     "History",
@@ -214,6 +213,7 @@ def _check_positive_int(value, what: str, allow_none: bool) -> None:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
+@one_thread()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
     """Accuracy of ``model`` on x: (N, ...) with labels y: (N,), in eval mode, without gradients.
 
@@ -226,6 +226,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         return _accuracy(model, x, y, batch_size)
 
 
+@one_thread()
 def evaluate_with_batch_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Accuracy when each batch of ``batch_size`` test examples is normalized with its own statistics.
 
@@ -296,6 +297,7 @@ def _next_indices(batches: Iterator, step: int, batch_size: int, device: torch.d
     return torch.as_tensor(indices, device=device)
 
 
+@one_thread()
 def train(
     model: nn.Module,
     data,
@@ -316,6 +318,9 @@ def train(
     train_eval_size: int = 1000,
 ) -> History:
     """Train ``model`` with cross-entropy for ``steps`` minibatch steps; return its ``History``.
+
+    Runs with one CPU thread (the caller's setting is restored): with more, PyTorch splits some
+    sums differently and the same seed gives a different model.
 
     Args:
         model: maps x (B, ...) to logits (B, classes); moved to ``device``, trained in place.

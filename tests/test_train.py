@@ -71,6 +71,25 @@ def test_same_seed_gives_bit_identical_histories_and_weights():
     assert other.train_loss != first["train_loss"]
 
 
+def test_training_and_evaluation_run_on_one_thread_whatever_the_caller_set():
+    # With two threads the same seed trains a different model (PyTorch splits sums differently),
+    # so train() and the evaluations pin one thread, and give the caller's setting back.
+    data = blobs()
+    model = small_mlp("batch")
+    seen = []
+    model.fc1.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(model, data, steps=5, eval_every=5, batch_stats_eval=True)
+        evaluate(model, data[2], data[3])
+        evaluate_with_batch_statistics(model, data[2], data[3], batch_size=20)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+
+
 def test_history_records_every_eval_step_and_the_last_step():
     model = small_mlp("batch")
     history = run(model, blobs(), steps=45, eval_every=20, batch_stats_eval=True)
