@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from normcourse.__main__ import main
-from normcourse.exercises import RESULTS, TASKS, check, evaluate
+from normcourse.exercises import RESULTS, TASKS, check, check_answer
 from normcourse.exercises import notebooks
-from normcourse.exercises.bundle import bundle, instructors_page
-from normcourse.exercises.catalog import CHAPTERS, chapter
-from normcourse.exercises.checks import tasks_for_chapter
+from normcourse.exercises.bundle import bundle
+from normcourse.exercises.catalog import CHAPTERS, chapter, tasks_for_chapter
 from normcourse.exercises.diagnosis import ATOL, RTOL, OutputTask
 from normcourse.exercises.grading import grade_notebook
+from normcourse.exercises.instructors import instructors_page
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ MISTAKES = [(task.id, m) for task in TASKS.values() if isinstance(task, OutputTa
 
 @pytest.mark.parametrize("task_id, mistake", MISTAKES, ids=[f"{t}-{m.name}" for t, m in MISTAKES])
 def test_each_known_mistake_is_diagnosed_by_name(task_id, mistake):
-    result = evaluate(task_id, mistake.answer)
+    result = check_answer(task_id, mistake.answer)
     assert result.status == "fail" and result.points == 0
     assert result.mistakes == [mistake.name]
     assert result.message.startswith(mistake.message)
@@ -132,12 +132,12 @@ def test_each_known_mistake_is_far_outside_the_tolerance(task_id, mistake):
 def test_the_correct_answer_passes_and_a_stub_is_not_implemented(task_id):
     task = TASKS[task_id]
     if isinstance(task, OutputTask):
-        assert evaluate(task_id, task.correct).status == "pass"
+        assert check_answer(task_id, task.correct).status == "pass"
 
     def stub(*args):
         raise NotImplementedError("Write your solution here")
 
-    result = evaluate(task_id, stub)
+    result = check_answer(task_id, stub)
     assert (result.status, result.points) == ("not_implemented", 0)
 
 
@@ -252,13 +252,13 @@ STUDENT_MISTAKES = [
 @pytest.mark.parametrize("task_id, answer, name", STUDENT_MISTAKES,
                          ids=[f"{t}-{n}" for t, _, n in STUDENT_MISTAKES])
 def test_student_written_mistakes_are_named(task_id, answer, name):
-    result = evaluate(task_id, answer)
+    result = check_answer(task_id, answer)
     assert result.status == "fail"
     assert result.mistakes == [name], result.message
 
 
 def test_a_gradient_check_that_does_not_restore_x_is_told_so():
-    result = evaluate("02.numerical_gradient", gradient_not_restored)
+    result = check_answer("02.numerical_gradient", gradient_not_restored)
     assert result.status == "fail" and "restore" in result.message
 
 
@@ -284,35 +284,35 @@ ODD_ANSWERS = [
 
 @pytest.mark.parametrize("answer, phrase", ODD_ANSWERS, ids=[p for _, p in ODD_ANSWERS])
 def test_odd_answers_become_messages(answer, phrase):
-    result = evaluate("02.batchnorm_forward", answer)
+    result = check_answer("02.batchnorm_forward", answer)
     assert result.status == "fail" and result.points == 0
     assert phrase in result.message
 
 
 def test_wrong_tuples_and_tensors():
-    assert "expected 3" in evaluate("02.batchnorm_backward", lambda *a: (1, 2)).message
-    assert "tuple" in evaluate("02.batchnorm_backward", lambda *a: np.zeros(3)).message
+    assert "expected 3" in check_answer("02.batchnorm_backward", lambda *a: (1, 2)).message
+    assert "tuple" in check_answer("02.batchnorm_backward", lambda *a: np.zeros(3)).message
     # Correct values as torch tensors (float32 even) pass: only the numbers matter.
     task = TASKS["02.batchnorm_forward"]
     as_tensor = lambda *a: torch.tensor(task.correct(*a), dtype=torch.float32)  # noqa: E731
-    assert evaluate("02.batchnorm_forward", as_tensor).status == "pass"
+    assert check_answer("02.batchnorm_forward", as_tensor).status == "pass"
     # Modifying an input in place is named.
     def in_place(x, gamma, beta, eps=1e-5):
         x -= x.mean(0)
         return gamma * x / np.sqrt(x.var(0) + eps) + beta
-    assert "changed its input `x` in place" in evaluate("02.batchnorm_forward", in_place).message
+    assert "changed its input `x` in place" in check_answer("02.batchnorm_forward", in_place).message
 
 
 def test_module_tasks_survive_odd_answers():
     for answer in (lambda i, o: None, lambda i, o: nn.Linear(i, o), lambda i, o: 1 / 0):
-        assert evaluate("03.linear_bn_sigmoid", answer).status == "fail"
+        assert check_answer("03.linear_bn_sigmoid", answer).status == "fail"
     returns_tensor = lambda model, x, y, opt: torch.tensor(1.0)  # noqa: E731
-    assert "tensor" in evaluate("03.train_step", returns_tensor).message
+    assert "tensor" in check_answer("03.train_step", returns_tensor).message
 
 
 def test_unknown_task_raises_a_clear_error():
-    with pytest.raises(KeyError, match="unknown exercise task"):
-        evaluate("02.nope", lambda: None)
+    with pytest.raises(ValueError, match="unknown exercise task '02.nope'; choose one of"):
+        check_answer("02.nope", lambda: None)
 
 
 def test_check_prints_records_and_keeps_the_random_stream(capsys):
@@ -324,8 +324,8 @@ def test_check_prints_records_and_keeps_the_random_stream(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("[PASS] 03.train_step") and "2/2 points" in line
     assert RESULTS["03.train_step"].status == "pass"
-    first = evaluate("02.batchnorm_forward", bn_unbiased).message
-    assert evaluate("02.batchnorm_forward", bn_unbiased).message == first  # deterministic
+    first = check_answer("02.batchnorm_forward", bn_unbiased).message
+    assert check_answer("02.batchnorm_forward", bn_unbiased).message == first  # deterministic
 
 
 # ---------------------------------------------------------------------------------------------
