@@ -7,6 +7,7 @@ student versions must run top to bottom and report every task as not implemented
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import zipfile
@@ -22,7 +23,7 @@ from normcourse.__main__ import main
 from normcourse.exercises import RESULTS, TASKS, check, check_answer
 from normcourse.exercises import notebooks
 from normcourse.exercises.bundle import bundle
-from normcourse.exercises.catalog import CHAPTERS, chapter, tasks_for_chapter
+from normcourse.exercises.catalog import CHAPTERS, chapter, is_chapter, tasks_for_chapter
 from normcourse.exercises.diagnosis import ATOL, RTOL, OutputTask
 from normcourse.exercises.grading import grade_notebook
 from normcourse.exercises.instructors import instructors_page
@@ -93,6 +94,79 @@ def test_student_notebooks_hold_no_solution_and_no_outputs():
         # The first code cell sets one thread and seeds.
         first_code = next(c for c in student.cells if c.cell_type == "code").source
         assert "torch.set_num_threads(1)" in first_code and "seed_everything(" in first_code
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue: one entry and one tasks module per chapter, read by everything else
+# ---------------------------------------------------------------------------------------------
+TASKS_DIR = ROOT / "normcourse" / "exercises" / "tasks"
+
+
+def test_each_chapter_has_one_tasks_module_named_after_it_and_nothing_else_registers_tasks():
+    assert sorted(p.name for p in TASKS_DIR.glob("ch*.py")) == [f"ch{s}.py" for s in SLUGS]
+    assert list(TASKS) == [t.id for c in CHAPTERS for t in c.tasks]  # chapter, notebook order
+    for c in CHAPTERS:
+        assert c.tasks and all(t.id.startswith(f"{c.number:02d}.") for t in c.tasks)
+        assert tasks_for_chapter(c.slug) == tasks_for_chapter(c.number) == c.tasks
+
+
+def test_prerequisite_chapters_are_earlier_chapters_of_the_catalogue():
+    for c in CHAPTERS:
+        for p in c.prerequisites:
+            assert is_chapter(p) == p[:1].isdigit(), p  # a slug-like name that is no chapter
+            assert not is_chapter(p) or chapter(p).number < c.number
+
+
+def test_written_questions_of_the_catalogue_are_those_of_the_notebooks():
+    for c in CHAPTERS:
+        assert len(c.question_ids) == len(c.questions) >= 1
+        for path in (SOURCES / f"{c.slug}.ipynb", ROOT / "exercises" / f"{c.slug}.ipynb"):
+            cells = nbformat.read(path, as_version=4).cells
+            tagged = [cell.metadata.get("normcourse", {}).get("question") for cell in cells]
+            assert tuple(q for q in tagged if q) == c.question_ids, path
+
+
+def test_exercises_import_no_chapter_experiment_code():
+    """Exercises and the chapters' experiment modules are siblings: exercises never import them."""
+    for path in (ROOT / "normcourse" / "exercises").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("normcourse.experiments") for n in names), path
+
+
+def test_chapter_lookup_takes_numbers_keys_slugs_and_task_ids_and_names_the_chapters():
+    assert {chapter(k).slug for k in (2, "2", "02", "02_batch_norm", "02.batchnorm_forward")} == {
+        "02_batch_norm"}
+    for key in (9, "nope"):
+        with pytest.raises(ValueError, match=f"unknown chapter {key!r}; choose one of 1, 2"):
+            chapter(key)
+
+
+def test_grader_names_a_notebook_of_no_chapter(tmp_path):
+    path = tmp_path / "notes.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), path)
+    report = grade_notebook(path)
+    assert "cannot tell which chapter" in report.problem and "unknown chapter 'notes'" in report.problem
+    assert report.tasks == [] and report.points == report.max_points == 0
+
+
+def test_grader_reports_every_catalogued_question_even_a_deleted_one(tmp_path):
+    """A notebook holding one answered question and no code: every task fails, 02.q2 is missing."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "Because...", metadata={"normcourse": {"question": "02.q1"}})])
+    notebook.metadata["normcourse"] = {"chapter": "02_batch_norm"}
+    nbformat.write(notebook, tmp_path / "submission.ipynb")
+    report = grade_notebook(tmp_path / "submission.ipynb")
+    assert report.problem is None and report.chapter == "02_batch_norm"
+    assert [(w["question"], w["answered"]) for w in report.written] == [("02.q1", True),
+                                                                          ("02.q2", False)]
+    assert [t["task"] for t in report.tasks] == [t.id for t in chapter(2).tasks]
+    assert report.points == 0 and all("no function" in t["message"] for t in report.tasks)
 
 
 # ---------------------------------------------------------------------------------------------

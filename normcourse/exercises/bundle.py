@@ -10,13 +10,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from normcourse.exercises.catalog import Chapter, chapter
+from normcourse.exercises.catalog import Chapter, chapter, is_chapter
 
 __all__ = ["bundle", "bundle_readme"]
 
 
 def _prerequisite_text(item: str) -> str:
-    return f"chapter {int(item[:2])} ({chapter(item).title})" if item[:2].isdigit() else item
+    return f"chapter {chapter(item).number} ({chapter(item).title})" if is_chapter(item) else item
 
 
 def bundle_readme(chapters: list[Chapter]) -> str:
@@ -50,7 +50,7 @@ def bundle_readme(chapters: list[Chapter]) -> str:
             *[f"- {objective}" for objective in c.objectives],
             "",
         ]
-    missing = sorted({p for c in chapters for p in c.prerequisites if p[:2].isdigit()} - chosen)
+    missing = sorted({p for c in chapters for p in c.prerequisites if is_chapter(p)} - chosen)
     if missing:
         lines += ["## Prerequisite chapters not in this bundle", "",
                   *[f"- {_prerequisite_text(p)}" for p in missing], ""]

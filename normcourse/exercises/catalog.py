@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from normcourse.exercises.diagnosis import Task
 from normcourse.validation import check_choice
 
-__all__ = ["Chapter", "CHAPTERS", "TASKS", "chapter", "tasks_for_chapter", "task"]
+__all__ = ["Chapter", "CHAPTERS", "TASKS", "chapter", "is_chapter", "tasks_for_chapter", "task"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,11 @@ def chapter(key: int | str) -> Chapter:
     number = int(prefix) if prefix.isdigit() else key
     check_choice(number, tuple(BY_NUMBER), "chapter")
     return BY_NUMBER[number]
+
+
+def is_chapter(prerequisite: str) -> bool:
+    """Whether a prerequisite names a chapter (by its slug) rather than a skill."""
+    return prerequisite in BY_SLUG
 
 
 def tasks_for_chapter(key: int | str) -> tuple[Task, ...]:

@@ -6,7 +6,7 @@ committed page in sync with ``instructors_page()``.
 
 from __future__ import annotations
 
-from normcourse.exercises.catalog import CHAPTERS
+from normcourse.exercises.catalog import CHAPTERS, is_chapter
 
 __all__ = ["instructors_page"]
 
@@ -37,7 +37,7 @@ def instructors_page() -> str:
     ]
     for c in CHAPTERS:
         prerequisites = "; ".join(
-            f"{{doc}}`{p}`" if p[:2].isdigit() else p for p in c.prerequisites)
+            f"{{doc}}`{p}`" if is_chapter(p) else p for p in c.prerequisites)
         lines.append(
             f"| {{doc}}`{c.slug}` | {c.reading_minutes} min | {c.exercise_minutes} min | "
             f"{prerequisites} | {{download}}`{c.slug}.ipynb <../exercises/{c.slug}.ipynb>` |"

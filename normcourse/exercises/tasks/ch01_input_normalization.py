@@ -182,15 +182,11 @@ def _hessian(x):
     return x.T @ x / len(x)
 
 
-def _largest_stable_lr(x):
-    return _lr_from_hessian(_hessian(x))
-
-
 LARGEST_STABLE_LR = OutputTask(
     id="01.largest_stable_lr",
     title="the largest stable learning rate of least squares",
     function="largest_stable_lr",
-    correct=_largest_stable_lr,
+    correct=lambda x: _lr_from_hessian(_hessian(x)),
     outputs=("lr",),
     cases=(_lr_case("x of shape (20, 3), features with non-zero means", 4),),
     mistakes=(
