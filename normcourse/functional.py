@@ -121,7 +121,7 @@ def _centered_moments(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor
     are accumulated in float32.
     """
     x = _cast(x, _stats_dtype(x))
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     if n == 0:
         # nothing to average (an empty batch): mean 0 and variance 1 keep every product that
         # follows finite (the gradients of gamma and beta are then 0, as torch's)
