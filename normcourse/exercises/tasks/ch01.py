@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from normcourse import reference
-from normcourse.experiments import input_normalization
+from normcourse.experiments import ch01_input_normalization as input_normalization
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import features
 from normcourse.gradcheck import random_upstream

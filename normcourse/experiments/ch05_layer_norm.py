@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from normcourse import reference
-from normcourse.experiments.batch_renorm import compare_norms
-from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
+from normcourse.experiments.ch06_batch_renorm import compare_norms
+from normcourse.experiments.ch04_test_time_statistics import ClassifierResult, mnist_tensors, train_classifier
 from normcourse.utils import one_thread
 from normcourse.recurrent import RecurrentClassifier
 from normcourse.train import History, evaluate, train

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from normcourse.data import class_subset_batches
-from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
+from normcourse.experiments.ch04_test_time_statistics import ClassifierResult, mnist_tensors, train_classifier
 
 __all__ = [
     "PAPER_SCHEDULE",
