@@ -123,7 +123,7 @@ def test_the_graph_is_read_from_every_module_and_printed():
     chapter4 = graph["normcourse.experiments.ch04_test_time_statistics"]
     assert "normcourse.experiments.runner" in chapter4
     assert "normcourse.functional" in graph["normcourse.nn"]
-    assert "normcourse.exercises.bundle" in graph["normcourse.__main__"]  # inside a function
+    assert "normcourse.exercises.commands" in graph["normcourse.__main__"]  # inside a function
 
 
 def test_chapter_experiment_modules_do_not_import_each_other():
