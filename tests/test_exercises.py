@@ -126,6 +126,15 @@ def test_written_questions_of_the_catalogue_are_those_of_the_notebooks():
             assert tuple(q for q in tagged if q) == c.question_ids, path
 
 
+def test_task_headings_give_the_catalogue_points_and_their_split():
+    """"## Task k: title (4 points: dx 2, dgamma 1, dbeta 1)": the notebook says what the grader gives."""
+    for c in CHAPTERS:
+        cells = nbformat.read(ROOT / "exercises" / f"{c.slug}.ipynb", as_version=4).cells
+        headings = [cell.source.splitlines()[0] for cell in cells
+                    if cell.cell_type == "markdown" and cell.source.startswith("## Task ")]
+        assert [h[h.rindex("(") + 1:-1] for h in headings] == [t.points_label for t in c.tasks]
+
+
 def test_exercises_import_no_chapter_experiment_code():
     """Exercises and the chapters' experiment modules are siblings: exercises never import them."""
     for path in (ROOT / "normcourse" / "exercises").rglob("*.py"):
@@ -179,9 +188,17 @@ MISTAKES = [(task.id, m) for task in TASKS.values() if isinstance(task, OutputTa
 @pytest.mark.parametrize("task_id, mistake", MISTAKES, ids=[f"{t}-{m.name}" for t, m in MISTAKES])
 def test_each_known_mistake_is_diagnosed_by_name(task_id, mistake):
     result = check_answer(task_id, mistake.answer)
-    assert result.status == "fail" and result.points == 0
+    assert result.status == "fail" and result.points < result.max_points
     assert result.mistakes == [mistake.name]
     assert result.message.startswith(mistake.message)
+    # Partial credit: exactly the outputs the mistake leaves right on every case earn their points.
+    task = TASKS[task_id]
+    right = [all(np.allclose(g, w, rtol=RTOL, atol=ATOL) if g.shape == w.shape else False
+                 for g, w in zip(*(
+                     [task.run(f, case)[i] for case in task.cases] for f in (mistake.answer, task.correct))))
+             for i in range(len(task.outputs))]
+    earned = sum(p for p, ok in zip(task.output_points, right) if ok) if task.output_points else 0
+    assert result.points == earned
 
 
 @pytest.mark.parametrize("task_id, mistake", MISTAKES, ids=[f"{t}-{m.name}" for t, m in MISTAKES])
@@ -366,10 +383,15 @@ def test_odd_answers_become_messages(answer, phrase):
 def test_wrong_tuples_and_tensors():
     assert "expected 3" in check_answer("02.batchnorm_backward", lambda *a: (1, 2)).message
     assert "tuple" in check_answer("02.batchnorm_backward", lambda *a: np.zeros(3)).message
-    # Correct values as torch tensors (float32 even) pass: only the numbers matter.
+    # Correct values as float64 torch tensors pass: only the numbers matter. In float32 they are
+    # a named failure (the course computes in float64), even where the numbers are close enough.
     task = TASKS["02.batchnorm_forward"]
-    as_tensor = lambda *a: torch.tensor(task.correct(*a), dtype=torch.float32)  # noqa: E731
+    as_tensor = lambda *a: torch.tensor(task.correct(*a))  # noqa: E731
     assert check_answer("02.batchnorm_forward", as_tensor).status == "pass"
+    as_float32 = lambda *a: torch.tensor(task.correct(*a), dtype=torch.float32)  # noqa: E731
+    result = check_answer("02.batchnorm_forward", as_float32)
+    assert (result.status, result.mistakes, result.points) == ("fail", ["float32"], 0)
+    assert result.message.startswith("`out` is float32: the exercises compute in float64")
     # Modifying an input in place is named.
     def in_place(x, gamma, beta, eps=1e-5):
         x -= x.mean(0)
@@ -496,4 +518,5 @@ def test_instructor_page_is_in_sync_and_links_every_chapter_and_notebook():
         assert f"{{doc}}`{c.slug}`" in page
         assert f"<../exercises/{c.slug}.ipynb>" in page
         assert all(objective in page for objective in c.objectives)
-        assert all(f"`{t.function}`" in page for t in tasks_for_chapter(c.slug))
+        assert all(f"`{t.function}` ({t.points_label})" in page for t in tasks_for_chapter(c.slug))
+    assert "splits its points per output" in page

@@ -7,6 +7,7 @@ committed page in sync with ``instructors_page()``.
 from __future__ import annotations
 
 from normcourse.exercises.catalog import CHAPTERS, is_chapter
+from normcourse.exercises.diagnosis import GENERAL_MISTAKES
 
 __all__ = ["instructors_page"]
 
@@ -29,6 +30,18 @@ def instructors_page() -> str:
         "names the mistake it recognises (biased against unbiased variance, `eps` outside the "
         "root, the wrong axis, the Keras momentum sense, a forgotten `gamma`/`beta`, a wrong "
         "shape, a forgotten eval mode, ...). Written questions are graded by hand.",
+        "",
+        "Scoring. A task whose function returns several outputs (`dx`, `dgamma`, `dbeta`) "
+        "splits its points per output, as listed below (`4 points: dx 2, dgamma 1, dbeta 1`): "
+        "each output earns its share when it is right on every test case, so a wrong `dx` with "
+        "right `dgamma` and `dbeta` earns 2 of 4. Other tasks are all or nothing. Besides each "
+        "task's own mistakes, every task recognises: "
+        + "; ".join(f"{description} (`{name}`)" for name, description in GENERAL_MISTAKES.items())
+        + ". Float32 is a failure, not a warning: the course computes in float64 (its gradient "
+        "checks compare at 1e-7, beyond float32's 7 digits), so an output that is float32, or "
+        "carries float32 rounding errors, earns no points and is named. A wrong output that no "
+        "known mistake explains is reported with the outputs that are right and the largest "
+        "relative error of each wrong one.",
         "",
         "## Overview",
         "",
@@ -85,7 +98,7 @@ def instructors_page() -> str:
         for task in c.tasks:
             mistakes = getattr(task, "mistakes", ())
             recognised = ", ".join(m.name.replace("_", " ") for m in mistakes) or "structure rules"
-            lines.append(f"- `{task.function}` ({task.points} pt): {task.title}; recognises: "
+            lines.append(f"- `{task.function}` ({task.points_label}): {task.title}; recognises: "
                          f"{recognised}")
         lines += ["", "Written questions (graded by hand):", ""]
         lines += [f"- {q}: {topic}" for q, topic in zip(c.question_ids, c.questions)]
