@@ -1,4 +1,4 @@
-"""Tests of the exercise system: checkers, diagnoses, student notebooks, grader, bundle, CLI.
+"""Tests of the exercise system: checkers, diagnoses, student notebooks, grader, instructor page, CLI.
 
 The notebook tests execute every solution notebook and every student notebook through the grader
 (nbclient, one thread): the solutions must get full marks with every check cell printing PASS, the
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import zipfile
 from pathlib import Path
 
 import nbformat
@@ -22,7 +20,6 @@ from torch import nn
 from normcourse.__main__ import main
 from normcourse.exercises import RESULTS, TASKS, check, check_answer
 from normcourse.exercises import notebooks
-from normcourse.exercises.bundle import bundle
 from normcourse.exercises.catalog import CHAPTERS, chapter, is_chapter, tasks_for_chapter
 from normcourse.exercises.diagnosis import ATOL, RTOL, OutputTask
 from normcourse.exercises.grading import grade_notebook
@@ -472,43 +469,7 @@ def test_student_notebook_replaces_written_answers_and_normalizes_metadata():
 # ---------------------------------------------------------------------------------------------
 # Instructor tools
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def fake_repo(tmp_path):
-    for c in CHAPTERS:
-        (tmp_path / "book").mkdir(exist_ok=True)
-        (tmp_path / "book" / f"{c.slug}.md").write_text(f"# {c.title}\n")
-        (tmp_path / "exercises").mkdir(exist_ok=True)
-        (tmp_path / "exercises" / f"{c.slug}.ipynb").write_bytes(
-            (ROOT / "exercises" / f"{c.slug}.ipynb").read_bytes())
-    return tmp_path
-
-
-def test_bundle_copies_chosen_chapters_with_a_readme(fake_repo, tmp_path, capsys):
-    out = tmp_path / "class"
-    assert main(["bundle", "--chapters", "3", "2", "--out", str(out), "--root", str(fake_repo)]) == 0
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["README.md", "chapters/02_batch_norm.md",
-                     "chapters/03_training_with_batch_norm.md", "exercises/02_batch_norm.ipynb",
-                     "exercises/03_training_with_batch_norm.ipynb"]
-    readme = (out / "README.md").read_text()
-    for c in (chapter(2), chapter(3)):
-        assert all(objective in readme for objective in c.objectives)
-        assert f"{c.exercise_minutes} min exercises" in readme
-    assert readme.index("## 2.") < readme.index("## 3.")
-    # Chapter 1 is a prerequisite of chapter 2 and is not in the bundle: the README says so.
-    assert "not in this bundle" in readme and "chapter 1 (Input normalization)" in readme
-
-
-def test_bundle_as_zip_and_missing_files(fake_repo, tmp_path):
-    archive = bundle([5], tmp_path / "week.zip", root=fake_repo, as_zip=True)
-    with zipfile.ZipFile(archive) as z:
-        assert sorted(n for n in z.namelist() if not n.endswith("/")) == ["README.md", "chapters/05_layer_norm.md",
-                                        "exercises/05_layer_norm.ipynb"]
-    os.remove(fake_repo / "book" / "06_batch_renorm.md")
-    with pytest.raises(FileNotFoundError, match="06_batch_renorm.md"):
-        bundle([6], tmp_path / "x", root=fake_repo)
-    assert main(["bundle", "--chapters", "9", "--out", str(tmp_path / "y"),
-                 "--root", str(fake_repo)]) == 2
+# The class bundle (student and nbgrader formats) is tested in tests/test_exercise_bundle.py.
 
 
 def test_instructor_page_is_in_sync_and_links_every_chapter_and_notebook():
