@@ -481,3 +481,8 @@ def test_instructor_page_is_in_sync_and_links_every_chapter_and_notebook():
         assert all(objective in page for objective in c.objectives)
         assert all(f"`{t.function}` ({t.points_label})" in page for t in tasks_for_chapter(c.slug))
     assert "splits its points per output" in page
+    # The class workflow, bundle to gradebook, and the nbgrader route with what was tested.
+    steps = ["**Bundle.**", "**Students.**", "**Collect.**", "**Grade.**", "**Gradebook.**"]
+    assert all(step in page for step in steps)
+    assert [page.index(step) for step in steps] == sorted(page.index(step) for step in steps)
+    assert "--format nbgrader" in page and "What was tested:" in page
