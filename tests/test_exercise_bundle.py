@@ -21,7 +21,7 @@ import pytest
 from normcourse.__main__ import main
 from normcourse.exercises.bundle import FORBIDDEN_IN_WHEEL, bundle
 from normcourse.exercises.catalog import CHAPTERS, chapter
-from normcourse.exercises.nbgrader_source import SCHEMA_VERSION, WRITTEN_POINTS
+from normcourse.exercises.nbgrader_source import SCHEMA_VERSION, WRITTEN_POINTS, nbgrader_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 UNRESOLVED = re.compile(r"\{(cite|cite:t|ref|numref|eq|doc)\}`|literalinclude|^\([\w-]+\)=\s*$", re.M)
@@ -160,6 +160,18 @@ def validate_nbgrader_metadata(notebook: nbformat.NotebookNode) -> None:
             assert float(meta["points"]) > 0
         if cell.cell_type == "markdown":
             assert meta["grade"] == meta["solution"]
+
+
+@pytest.mark.parametrize("slug", [c.slug for c in CHAPTERS])
+def test_every_chapter_converts_to_valid_nbgrader_cells(slug):
+    c = chapter(slug)
+    notebook = nbgrader_notebook(nbformat.read(ROOT / "exercises" / "source" / f"{slug}.ipynb",
+                                               as_version=4), c)
+    validate_nbgrader_metadata(notebook)
+    graded = [cell.metadata["nbgrader"] for cell in notebook.cells
+              if cell.metadata.get("nbgrader", {}).get("grade")]
+    assert sum(m["points"] for m in graded) == (sum(t.points for t in c.tasks)
+                                               + WRITTEN_POINTS * len(c.questions))
 
 
 def test_nbgrader_bundle_has_graded_cells_for_every_task_and_question(tmp_path):

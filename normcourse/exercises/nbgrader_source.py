@@ -61,6 +61,7 @@ def nbgrader_notebook(source: nbformat.NotebookNode, chapter: Chapter) -> nbform
     notebook.metadata = copy.deepcopy(NOTEBOOK_METADATA)
     notebook.metadata["normcourse"] = {"chapter": chapter.slug, "version": "nbgrader"}
     tasks = {t.function: t for t in chapter.tasks}
+    untied = 0
     for cell in notebook.cells:
         normcourse_meta = cell.metadata.get("normcourse")
         cell.metadata = {"normcourse": normcourse_meta} if normcourse_meta else {}
@@ -71,7 +72,8 @@ def nbgrader_notebook(source: nbformat.NotebookNode, chapter: Chapter) -> nbform
             if BEGIN in cell.source:
                 defined = re.findall(r"^def (\w+)\(", cell.source, re.M)
                 task = next((tasks[name] for name in defined if name in tasks), None)
-                grade_id = f"{_safe(task.id)}-solution" if task else f"{chapter.slug}-solution"
+                untied += task is None  # a solution cell of no task still needs its own id
+                grade_id = f"{_safe(task.id)}-solution" if task else f"{chapter.slug}-solution-{untied}"
                 cell.metadata["nbgrader"] = _metadata(grade_id, False, True, False)
             elif check_call:
                 task_id, function = check_call.groups()
