@@ -27,14 +27,22 @@ def _student(args) -> int:
 
 
 def _grade(args) -> int:
-    from normcourse.exercises.grading import grade_notebook
+    from normcourse.exercises.gradebook import grade_all, write_csv
+    from normcourse.exercises.sandbox import LIMIT_UNITS, Limits
 
-    reports = [grade_notebook(path, timeout=args.timeout) for path in args.notebooks]
+    limits = Limits(**{name: getattr(args, name) for name in LIMIT_UNITS})
+    reports = grade_all(args.notebooks, jobs=args.jobs, timeout=args.timeout,
+                        task_timeout=args.task_timeout, limits=limits)
+    if args.csv:
+        write_csv(reports, args.csv)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=1))
     else:
         print("\n\n".join(r.to_text() for r in reports))
-    return 0
+    errors = [r for r in reports if r.error]
+    for r in errors:
+        print(f"normcourse grade: {r.notebook}: {r.error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _bundle(args) -> int:
@@ -58,6 +66,8 @@ def _instructors(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from normcourse.exercises.sandbox import LIMIT_UNITS, Limits
+
     parser = argparse.ArgumentParser(prog="normcourse", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -68,9 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     student.set_defaults(run=_student)
 
     grade = commands.add_parser("grade", help="run and grade submitted exercise notebooks")
-    grade.add_argument("notebooks", nargs="+", help="the .ipynb files to grade")
+    grade.add_argument("notebooks", nargs="+", help="the .ipynb files and folders to grade")
     grade.add_argument("--json", action="store_true", help="print the reports as JSON")
+    grade.add_argument("--csv", metavar="PATH", help="write a gradebook: one row per submission")
+    grade.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (default 1)")
     grade.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    grade.add_argument("--task-timeout", type=float, default=60,
+                       help="seconds per task of the grader's checks (default 60)")
+    defaults = Limits()
+    for name, unit in LIMIT_UNITS.items():
+        grade.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                           help=f"limit: {unit} (default {getattr(defaults, name)})")
     grade.set_defaults(run=_grade)
 
     bundle = commands.add_parser("bundle", help="copy chapters and their exercises for a class")
