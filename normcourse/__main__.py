@@ -56,6 +56,12 @@ def _bundle(args) -> int:
 def _instructors(args) -> int:
     from normcourse.exercises.bundle import instructors_page
 
+    if args.dockerfile:
+        from normcourse.exercises.grading_guide import DOCKERFILE
+
+        Path(args.dockerfile).write_text(DOCKERFILE, encoding="utf-8")
+        print(f"wrote {args.dockerfile}")
+        return 0
     page = instructors_page()
     if args.write:
         Path(args.write).write_text(page, encoding="utf-8")
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     instructors = commands.add_parser("instructors", help="print or write the instructor page")
     instructors.add_argument("--write", metavar="PATH", help="write the page to PATH")
+    instructors.add_argument("--dockerfile", metavar="PATH",
+                             help="write the grader's container recipe to PATH instead")
     instructors.set_defaults(run=_instructors)
 
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from normcourse.exercises.catalog import CHAPTERS, Chapter, chapter
 from normcourse.exercises.checks import tasks_for_chapter
+from normcourse.exercises.grading_guide import grading_section
 
 __all__ = ["bundle", "bundle_readme", "instructors_page"]
 
@@ -134,7 +135,7 @@ def instructors_page() -> str:
         "```bash",
         "python -m normcourse student            # regenerate exercises/*.ipynb from exercises/source/",
         "python -m normcourse grade exercises/02_batch_norm.ipynb          # per-task points",
-        "python -m normcourse grade --json submissions/*.ipynb > grades.json",
+        "python -m normcourse grade submissions/ --jobs 2 --csv grades.csv  # a class",
         "python -m normcourse bundle --chapters 2 3 --out class-week-1     # or --zip",
         "```",
         "",
@@ -142,13 +143,14 @@ def instructors_page() -> str:
         "between `### BEGIN SOLUTION` and `### END SOLUTION`. The student versions replace it "
         "with `raise NotImplementedError(...)` (code) or an answer prompt (written questions), "
         "and the test suite checks that the committed student versions are up to date.",
-        "- The grader executes a copy of the notebook (one thread, a timeout per cell, errors "
-        "allowed), then checks every task's function by name itself, so edited or deleted check "
-        "cells do not change the grade. It reports per-task points, the diagnoses, which written "
-        "questions were answered, and the cells that raised.",
+        "- The grader runs each submission in a sandbox, then checks every task's function by "
+        "name with its own checks, so edited, deleted or faked check cells do not change the "
+        "grade (see Grading a class below). It reports per-task points, the diagnoses, which "
+        "written questions were answered, the cells that raised, and flags.",
         "- The bundle holds the chosen chapters' MyST sources, their student notebooks and a "
         "README with the objectives, times and prerequisites below.",
         "",
+        *grading_section(),
     ]
     for c in CHAPTERS:
         lines += [

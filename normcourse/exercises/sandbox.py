@@ -331,6 +331,21 @@ class Sandbox:
         self.cgroups = []
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def limit_hits(self) -> dict[str, int]:
+        """How often the cgroups refused a process (``processes``) or memory (``memory``)."""
+        hits = {}
+        for folder in self.cgroups:
+            try:
+                if (folder / "pids.events").exists():
+                    events = dict(line.split() for line in
+                                  (folder / "pids.events").read_text().splitlines())
+                    hits["processes"] = int(events.get("max", 0))
+                elif (folder / "memory.failcnt").exists():
+                    hits["memory"] = int((folder / "memory.failcnt").read_text())
+            except (OSError, ValueError):
+                continue
+        return hits
+
     def describe(self) -> dict:
         """The limits and protections in force, for the report."""
         return {"limits": asdict(self.limits), **isolation(),

@@ -71,6 +71,7 @@ def grade_submission(path, notebook, chapter: str, timeout: int = 120, task_time
         copy = sandbox.work / os.path.basename(str(path))
         shutil.copyfile(path, copy)
         run = _run_notebook(sandbox, str(copy), timeout, len(notebook.cells))
+        hits = sandbox.limit_hits()
         sandbox.kill_all()  # nothing of the student's run survives into the checks
         session = AnswerSession(sandbox, definitions(code_cells), task_timeout)
         results = [session.check(task).to_dict() for task in tasks]
@@ -87,6 +88,11 @@ def grade_submission(path, notebook, chapter: str, timeout: int = 120, task_time
                          f"`{references[result['task']]}`")
     if session.load_error:
         run["cell_errors"].append(f"definitions: {session.load_error}")
+    if hits.get("processes"):
+        flags.append(f"the notebook reached the limit of {sandbox.limits.processes} processes "
+                     f"({hits['processes']} refused forks: a fork bomb?); they were all killed")
+    if hits.get("memory"):
+        flags.append(f"the notebook reached the memory limit of {sandbox.limits.memory_mb} MiB")
     if run["truncated_cells"]:
         flags.append("output truncated in cells " + ", ".join(map(str, run["truncated_cells"])))
     return {"tasks": results, "cell_errors": run["cell_errors"], "check_cells": run["check_cells"],
