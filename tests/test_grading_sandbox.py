@@ -25,7 +25,9 @@ import nbformat
 import pytest
 
 from normcourse.__main__ import main
-from normcourse.exercises.checks import RESULT_MIME, tasks_for_chapter
+from normcourse.exercises.answers import _record, check_task, definitions
+from normcourse.exercises.checks import RESULT_MIME, TASKS, tasks_for_chapter
+from normcourse.exercises.diagnosis import OutputTask
 from normcourse.exercises.sandbox import Limits, Sandbox, isolation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,3 +276,45 @@ def test_the_grading_image_builds(tmp_path):
     version = subprocess.run(["docker", "run", "--rm", "--network", "none",
                               "normcourse-grader-test", "--help"], capture_output=True, text=True)
     assert "--task-timeout" in version.stdout
+
+
+# ---- the pieces, without a kernel -----------------------------------------------------------
+def test_only_definitions_reach_the_answer_process():
+    code = definitions([
+        "import numpy as np\nfrom normcourse import reference",
+        "EPS = 1e-5\nrate = np.float64(0.1)\nprint('PASS')\nreference.batchnorm_forward = None",
+        "%matplotlib inline\ndef f(x):\n    return x + EPS\nclass A:\n    pass",
+        "def broken(:",
+    ])
+    assert code.split("\n\n") == ["import numpy as np", "from normcourse import reference",
+                                  "EPS = 1e-05", "def f(x):\n    return x + EPS",
+                                  "class A:\n    pass"]
+
+
+def _stub(*args):
+    raise NotImplementedError("Write your solution here")
+
+
+ANSWERS = [(task, name, answer) for task in TASKS.values() if isinstance(task, OutputTask)
+           for name, answer in [("correct", task.correct), ("exit", lambda *a: exit()),
+                                ("stub", _stub), *[(m.name, m.answer) for m in task.mistakes]]]
+
+
+@pytest.mark.parametrize("task, name, answer", ANSWERS,
+                         ids=[f"{t.id}-{n}" for t, n, _ in ANSWERS])
+def test_a_verdict_from_recorded_outputs_equals_the_direct_check(task, name, answer):
+    """The grader's replay of the answer process's data gives the notebook's own verdict."""
+    record = json.loads(json.dumps(_record(task, {task.function: answer})))
+    replayed = check_task(task, record).to_dict()
+    if name == "exit":  # the notebook's check lets SystemExit through; the grader does not
+        assert replayed["status"] == "fail" and "raised SystemExit" in replayed["message"]
+        return
+    assert replayed == task.check(answer).to_dict()
+
+
+def test_missing_and_non_callable_answers():
+    task = TASKS["02.batchnorm_forward"]
+    assert "no function `batchnorm_forward` is defined" in check_task(
+        task, _record(task, {})).message
+    assert "is a int, not a function" in check_task(
+        task, _record(task, {"batchnorm_forward": 3})).message

@@ -156,8 +156,10 @@ class _Replay:
 def check_task(task: Task, record: dict) -> Result:
     """The grader's verdict on one task from the answer process's record of it."""
     if "missing" in record:
-        missing = record["missing"]
-        return task.check(None if missing == "NoneType" else type(missing, (), {})())
+        found = "" if record["missing"] == "NoneType" else f" (`{task.function}` is a " \
+            f"{str(record['missing'])[:40]}, not a function)"
+        return Result(task.id, task.title, "fail", 0, task.points,
+                      f"no function `{task.function}` is defined in the notebook{found}.")
     if "result" in record:  # checked inside the answer process (a returned module)
         r = record["result"]
         status = r.get("status") if r.get("status") in ("pass", "fail", "not_implemented") else "fail"
