@@ -26,7 +26,8 @@ import pytest
 
 from normcourse.__main__ import main
 from normcourse.exercises.answers import _record, check_task, definitions
-from normcourse.exercises.checks import RESULT_MIME, TASKS, tasks_for_chapter
+from normcourse.exercises.catalog import TASKS, tasks_for_chapter
+from normcourse.exercises.checks import RESULT_MIME
 from normcourse.exercises.diagnosis import OutputTask
 from normcourse.exercises.sandbox import Limits, Sandbox, isolation
 
@@ -257,7 +258,7 @@ def test_unknown_chapter_is_an_error(tmp_path, capsys):
     del notebook.metadata["normcourse"]
     nbformat.write(notebook, tmp_path / "mystery.ipynb")
     assert main(["grade", str(tmp_path / "mystery.ipynb")]) == 1
-    assert "has no chapter" in capsys.readouterr().err
+    assert "cannot tell which chapter" in capsys.readouterr().err
     notebook.metadata["normcourse"] = {"chapter": "42_quantum"}
     nbformat.write(notebook, tmp_path / "mystery.ipynb")
     assert main(["grade", "--json", str(tmp_path)]) == 1

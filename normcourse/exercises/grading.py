@@ -13,11 +13,12 @@ from pathlib import Path
 
 import nbformat
 
-from normcourse.exercises.catalog import CHAPTERS, chapter
+from normcourse.exercises.catalog import CHAPTERS, Chapter, chapter
 from normcourse.exercises.notebooks import ANSWER_PROMPT
 from normcourse.exercises.sandbox import Limits
 
 __all__ = ["GradeReport", "grade_notebook"]
+
 
 @dataclass
 class GradeReport:
@@ -87,28 +88,35 @@ def _chapter_of(notebook: nbformat.NotebookNode, path: Path) -> tuple[str, str |
     """
     meta = notebook.metadata.get("normcourse", {})
     given = meta.get("chapter") if isinstance(meta, dict) else None
-    if given:
-        try:
-            return chapter(str(given)).slug, None
-        except KeyError as error:
-            return "", f"the notebook's metadata names {error.args[0]}"
     found = [c.slug for c in CHAPTERS if c.slug in path.name]
-    if len(found) == 1:
-        return found[0], (f"the notebook's metadata has no chapter; {found[0]} inferred from "
-                          "the file name")
-    return "", ("the notebook's metadata has no chapter and the file name names none of "
-                + ", ".join(c.slug for c in CHAPTERS))
+    try:
+        if given:
+            return chapter(str(given)).slug, None
+        if len(found) == 1:
+            return found[0], (f"the notebook's metadata has no chapter; {found[0]} inferred "
+                              "from the file name")
+        if found:
+            raise ValueError(f"the file name names several chapters: {', '.join(found)}")
+        slug = chapter(path.stem).slug  # raises, naming the chapters, unless a chapter key
+        return slug, f"the notebook's metadata has no chapter; {slug} inferred from the file name"
+    except ValueError as error:
+        where = "its metadata" if given else "its metadata (none) and file name"
+        return "", f"cannot tell which chapter this notebook belongs to from {where}: {error}"
 
 
-def _written_answers(notebook: nbformat.NotebookNode) -> list[dict]:
-    """Markdown answer cells, tagged with metadata ``normcourse.question`` in the notebooks."""
-    answers = []
+def _written_answers(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[dict]:
+    """The answer to each of the chapter's written questions (in the catalogue's order): the
+    markdown cell tagged with metadata ``normcourse.question``; a deleted cell is not answered."""
+    texts = {}
     for cell in notebook.cells:
         question = cell.metadata.get("normcourse", {}).get("question")
         if cell.cell_type == "markdown" and question:
-            text = cell.source.strip()
-            answered = bool(text) and ANSWER_PROMPT not in text
-            answers.append({"question": question, "answered": answered, "answer": text})
+            texts[question] = cell.source.strip()
+    answers = []
+    for question in chapter.question_ids:
+        text = texts.get(question, "")
+        answered = bool(text) and ANSWER_PROMPT not in text
+        answers.append({"question": question, "answered": answered, "answer": text})
     return answers
 
 
@@ -133,11 +141,11 @@ def grade_notebook(path: str | Path, timeout: int = 120, task_timeout: float = 6
         return report
     report.chapter, note = _chapter_of(notebook, path)
     if not report.chapter:
-        report.error = note
+        report.error = report.problem = note
         return report
     if note:
         report.flags.append(note)
-    report.written = _written_answers(notebook)
+    report.written = _written_answers(notebook, chapter(report.chapter))
     found = grade_submission(path, notebook, report.chapter, timeout=timeout,
                              task_timeout=task_timeout, limits=limits, read_only=read_only)
     for key, value in found.items():

@@ -18,7 +18,7 @@ import shutil
 import threading
 
 from normcourse.exercises.answers import AnswerSession, definitions
-from normcourse.exercises.checks import tasks_for_chapter
+from normcourse.exercises.catalog import tasks_for_chapter
 from normcourse.exercises.sandbox import Limits, Sandbox
 from normcourse.exercises.tampering import (claim_flags, claimed_passes, parse_cells,
                                             reference_flags, source_flags)

@@ -16,8 +16,8 @@ import re
 
 __all__ = ["parse_cells", "source_flags", "reference_flags", "claim_flags", "claimed_passes"]
 
-CHECKER_NAMES = {"check", "report_namespace", "grade_notebook", "RESULTS", "TASKS",
-                 "tasks_for_chapter"}
+CHECKER_NAMES = {"check", "check_answer", "report_namespace", "grade_notebook", "RESULTS",
+                 "TASKS", "tasks_for_chapter"}
 SOLUTION_MODULES = ("normcourse.reference", "normcourse.functional", "normcourse.gradcheck")
 VERDICT = re.compile(r"\bPASS\b|NORMCOURSE-GRADE|application/vnd\.normcourse")
 
