@@ -63,7 +63,8 @@ def definitions(code_cells: list[str]) -> str:
             keep = isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef,
                                      ast.AsyncFunctionDef, ast.ClassDef))
             if isinstance(node, ast.Assign):
-                keep = all(isinstance(t, ast.Name) for t in node.targets) and _is_constant(node.value)
+                keep = (all(isinstance(t, ast.Name) for t in node.targets)
+                        and _is_constant(node.value))
             if keep:
                 kept.append(ast.unparse(node))
     return "\n\n".join(kept)
@@ -162,7 +163,8 @@ def check_task(task: Task, record: dict) -> Result:
                       f"no function `{task.function}` is defined in the notebook{found}.")
     if "result" in record:  # checked inside the answer process (a returned module)
         r = record["result"]
-        status = r.get("status") if r.get("status") in ("pass", "fail", "not_implemented") else "fail"
+        status = r.get("status")
+        status = status if status in ("pass", "fail", "not_implemented") else "fail"
         points = task.points if status == "pass" else 0
         return Result(task.id, task.title, status, points, task.points,
                       str(r.get("message", ""))[:2000] + " (checked in the submission's process)",
@@ -244,7 +246,7 @@ class AnswerSession:
             reply = self._reply(self.task_timeout)
         except (BrokenPipeError, OSError):
             reply = "died"
-        if isinstance(reply, dict) and ("cases" in reply or "result" in reply or "missing" in reply):
+        if isinstance(reply, dict) and {"cases", "result", "missing"} & set(reply):
             try:
                 return check_task(task, reply)
             except (KeyError, TypeError, ValueError) as error:

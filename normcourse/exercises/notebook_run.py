@@ -64,7 +64,8 @@ def run(path: str, timeout: int, output_cap: int) -> dict:
     try:
         client.execute()
     except DeadKernelError:
-        problem = "the kernel died (killed, out of memory, or exit()); the cells after it did not run"
+        problem = ("the kernel died (killed, out of memory, or exit()); the cells after it did "
+                   "not run")
     except Exception as error:  # noqa: BLE001 - any failure of the run is reported, not raised
         problem = f"the notebook could not be run to the end: {type(error).__name__}: {error}"
     errors, checks = [], []

@@ -1,4 +1,4 @@
-"""A sandbox for running one untrusted submission: its own folder, environment, limits and processes.
+"""A sandbox for one untrusted submission: its own folder, environment, limits and processes.
 
 ``Sandbox(limits)`` (a context manager) makes a fresh temporary folder with ``home/`` (``HOME`` and
 the Jupyter, IPython and matplotlib state folders point inside it) and starts commands there:
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import normcourse
 
-__all__ = ["Limits", "LIMIT_UNITS", "Sandbox", "CappedReader", "isolation", "sandbox_env", "PACKAGE_PARENT"]
+__all__ = ["Limits", "LIMIT_UNITS", "Sandbox", "CappedReader", "isolation", "sandbox_env",
+           "PACKAGE_PARENT"]
 
 PACKAGE_PARENT = str(Path(normcourse.__file__).resolve().parents[1])
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -281,7 +282,8 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self, command: list[str], pass_fds: tuple[int, ...] = (), stdin=None) -> subprocess.Popen:
+    def start(self, command: list[str], pass_fds: tuple[int, ...] = (),
+              stdin=None) -> subprocess.Popen:
         """Start ``command`` (a list; ``command[0]`` a full path) limited, in ``self.work``.
 
         stdout and stderr are one pipe (``process.stdout``); read it with CappedReader.
@@ -304,7 +306,8 @@ class Sandbox:
 
     def python(self, code: str, *args: str, **kwargs) -> subprocess.Popen:
         """Start ``python -I`` running ``code`` with the package importable (argv: ``args``)."""
-        prelude = f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); sys.argv[1:] = {list(args)!r}\n"
+        prelude = (f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); "
+                   f"sys.argv[1:] = {list(args)!r}\n")
         return self.start([sys.executable, "-I", "-c", prelude + code], **kwargs)
 
     def kill_all(self) -> None:

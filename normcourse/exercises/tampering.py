@@ -79,7 +79,8 @@ def source_flags(trees) -> list[str]:
                 elif isinstance(target, (ast.Attribute, ast.Subscript)):
                     dotted = _dotted(target.value, imported) or ""
                     if dotted.startswith(("normcourse", "sys.modules")):
-                        flags.append(f"assigns into `{dotted}` (patches the checker or the package)")
+                        flags.append(f"assigns into `{dotted}` (patches the checker or the "
+                                     "package)")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                     and node.func.id in ("setattr", "delattr") and node.args:
                 dotted = _dotted(node.args[0], imported) or ""
@@ -110,7 +111,8 @@ def reference_flags(trees, functions: dict[str, str]) -> dict[str, str]:
                 dotted = _dotted(node, local) or ""
                 if dotted.startswith(SOLUTION_MODULES):
                     return dotted
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(SOLUTION_MODULES):
+            if isinstance(node, ast.ImportFrom) \
+                    and (node.module or "").startswith(SOLUTION_MODULES):
                 return node.module
             if isinstance(node, ast.Name) and node.id in defs:
                 found = uses(node.id, seen)
@@ -141,7 +143,7 @@ def claimed_passes(notebook) -> set[str]:
 
 
 def claim_flags(claimed: set[str], shown: set[str], verdicts: dict[str, str]) -> list[str]:
-    """Flags for PASS claims (stored in the file, or shown while run) the grader does not confirm."""
+    """Flags for the PASS claims (stored in the file, or shown in the run) the grader rejects."""
     flags = []
     for task in sorted(claimed):
         if verdicts.get(task) != "pass":
