@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def _cheater():
     return notebook
 
 
-def _resources(sentinel: Path, other: Path):
+def _resources(sentinel: Path, other: Path, port: int):
     """The solution plus cells that hit every limit and try to destroy files."""
     return _with_cells(
         SOLUTION,
@@ -96,6 +97,7 @@ def _resources(sentinel: Path, other: Path):
         "for name in os.listdir('.'):\n    os.remove(name)  # the notebook's copy too\n"
         f"open({str(sentinel)!r}, 'w').write('overwritten')",
         f"import os\nos.remove({str(other)!r})",
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=10)",
     )
 
 
@@ -121,10 +123,12 @@ def graded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("class")
     sentinel = folder / "instructor_notes.txt"
     sentinel.write_text("grades so far")
+    server = socket.create_server(("127.0.0.1", 0))  # a service of the grading machine
+    server.setblocking(False)
     notebooks = {
         "honest": SOLUTION,
         "cheater": _cheater(),
-        "resources": _resources(sentinel, folder / "honest.ipynb"),
+        "resources": _resources(sentinel, folder / "honest.ipynb", server.getsockname()[1]),
         "killed": _with_cells(SOLUTION, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
                               at=2),
         f"bob_{SLUG}": _task_limits(),
@@ -143,7 +147,13 @@ def graded(tmp_path_factory):
                        "--memory-mb", "3072"])
     seconds = time.perf_counter() - start
     reports = {Path(r["notebook"]).stem: r for r in json.loads(out.getvalue())}
-    return {"status": status, "reports": reports, "folder": folder, "before": before,
+    try:
+        server.accept()
+        reached = True
+    except BlockingIOError:
+        reached = False
+    server.close()
+    return {"status": status, "reached_server": reached, "reports": reports, "folder": folder, "before": before,
             "gradebook": gradebook, "seconds": seconds}
 
 
@@ -193,6 +203,14 @@ def test_files_outside_the_sandbox_are_untouched(graded):
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert after == graded["before"]
     assert "Read-only file system" in "\n".join(graded["reports"]["resources"]["cell_errors"])
+
+
+@pytest.mark.skipif(not isolation()["own_network"],
+                    reason="no network namespace here: submissions can use the network")
+def test_submissions_cannot_reach_the_grading_machine(graded):
+    errors = "\n".join(graded["reports"]["resources"]["cell_errors"])
+    assert "ConnectionRefusedError" in errors or "OSError: [Errno 101]" in errors
+    assert not graded["reached_server"]
 
 
 def test_a_killed_kernel_costs_no_marks_for_right_answers(graded):

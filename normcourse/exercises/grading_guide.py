@@ -41,7 +41,7 @@ docker run --rm --network none --read-only --tmpfs /tmp:size=4g \\
 def grading_section() -> list[str]:
     """The lines of the instructors' page on grading submissions."""
     defaults = Limits()
-    limits = [f"  - `--{name.replace('_', '-')}` (default {getattr(defaults, name)}): {unit}"
+    limits = [f"- `--{name.replace('_', '-')}` (default {getattr(defaults, name)}): {unit}"
               for name, unit in LIMIT_UNITS.items()]
     return [
         "## Grading a class",
@@ -102,16 +102,20 @@ def grading_section() -> list[str]:
         "submission (the process limit for the whole tree, which is the only process limit that "
         "holds for root: Linux does not enforce `RLIMIT_NPROC` for root) and a private mount "
         "namespace in which the submissions' folders, the working folder, the package, the "
-        "Python installation and `~` are read-only. Each report's `isolation` field says which "
-        "of these were in force. When the grading of a submission ends, every process in its "
-        "cgroup and session is killed and its folder is removed.",
+        "Python installation and `~` are read-only, and a private network namespace with only "
+        "its own loopback (no network, no service of the grading machine reachable). Each "
+        "report's `isolation` field says which of these were in force. When the grading of a "
+        "submission ends, every process in its cgroup and session is killed and its folder is "
+        "removed.",
         "",
         "This is not a security boundary against a determined attacker. The submission runs "
         "with the instructor's user: it can read any file that user can read (other "
-        "submissions, unless their folder is excluded), reach the network, and, as root, undo "
-        "the limits (ptrace, `/proc`, remounting). Without a writable cgroup, root cannot limit "
-        "the number of processes at all, so a fork bomb is not contained; without a mount "
-        "namespace, files outside the temporary folder are writable; `RLIMIT_NPROC` of an "
+        "submissions), and, as root, undo the limits (ptrace, `/proc`, remounting, leaving "
+        "its cgroup). Without a writable cgroup, root cannot limit the number of processes at "
+        "all, so a fork bomb is not contained; without a mount namespace, files outside the "
+        "temporary folder are writable; without a network namespace, the network is open. The "
+        "file size limit holds per file, not for the total written to disk (a container's "
+        "`--tmpfs` size does). `RLIMIT_NPROC` of an "
         "ordinary user counts all of that user's processes, so the grader sets it to the "
         "user's current count plus the limit. Step 2 is sound against tampering with the checker "
         "(the verdict is computed in a process no submission code ran in) but a submission can "

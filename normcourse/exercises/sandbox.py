@@ -12,7 +12,10 @@ the Jupyter, IPython and matplotlib state folders point inside it) and starts co
   ``RLIMIT_NPROC`` is not enforced; ``kill_all`` kills every process in the cgroup or the group;
 - where ``unshare`` and ``mount`` work (root, or a container with CAP_SYS_ADMIN), a private mount
   namespace in which the folders in ``read_only`` (the submissions, the instructor's working
-  folder) and always the package, the Python installation and ``~`` are mounted read-only.
+  folder) and always the package, the Python installation and ``~`` are mounted read-only;
+- where ``unshare --net`` and ``ip`` work, a private network namespace holding only its own
+  loopback (the kernel and the grader's helper talk over it): no network, and no server of the
+  grading machine is reachable.
 
 Output of every command is captured and capped (``CappedReader``). ``isolation()`` says which of
 the protections are in force on this machine (the grading report repeats it).
@@ -82,6 +85,8 @@ config = json.loads(sys.argv[1])
 for procs in config["cgroups"]:
     with open(procs, "w") as f:
         f.write(str(os.getpid()))
+if config["own_network"]:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 for path in config["read_only"]:
     subprocess.run(["mount", "--bind", path, path], check=True)
     subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True)
@@ -186,6 +191,14 @@ def _mount_namespace_works() -> bool:
     return probe.returncode == 0
 
 
+def _network_namespace_works() -> bool:
+    if os.getuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
 _ISOLATION: dict | None = None
 
 
@@ -198,6 +211,7 @@ def isolation() -> dict:
             "pids_cgroup": cgroups["pids"],
             "memory_cgroup": cgroups["memory"],
             "read_only_mounts": _mount_namespace_works(),
+            "own_network": _network_namespace_works(),
             "root": os.getuid() == 0,
         }
         _ISOLATION["process_limit_enforced"] = cgroups["pids"] or os.getuid() != 0
@@ -292,10 +306,13 @@ class Sandbox:
             "cgroups": [str(folder / "cgroup.procs") for folder in self.cgroups],
             "read_only": self.read_only,
             "rlimits": _rlimits(self.limits),
+            "own_network": isolation()["own_network"],
         }
         boot = [sys.executable, "-I", "-c", BOOT, json.dumps(config), *command]
-        if self.read_only:
-            boot = ["unshare", "--mount", "--propagation", "private", "--", *boot]
+        namespaces = (["--mount", "--propagation", "private"] if self.read_only else []) + (
+            ["--net"] if config["own_network"] else [])
+        if namespaces:
+            boot = ["unshare", *namespaces, "--", *boot]
         process = subprocess.Popen(
             boot, cwd=self.work, env=sandbox_env(self.folder), stdin=stdin,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=pass_fds,
