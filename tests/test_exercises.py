@@ -1,13 +1,16 @@
 """Tests of the exercise system: checkers, diagnoses, student notebooks, grader, instructor page, CLI.
 
-The notebook tests execute every solution notebook and every student notebook through the grader
-(nbclient, one thread): the solutions must get full marks with every check cell printing PASS, the
-student versions must run top to bottom and report every task as not implemented.
+The notebook tests grade every solution notebook and every student notebook in one run of the
+grader's command line (each in its sandbox, three at a time): the solutions must get full marks
+with every check cell printing PASS, the student versions must run top to bottom and report every
+task as not implemented.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -43,27 +46,39 @@ def _quiet_jupyter(tmp_path_factory, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Notebooks: solutions get full marks, student versions run and report "not implemented"
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def graded_exercises():
+    """Every student and solution notebook graded in one command-line run, three at a time."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["grade", "--json", "--jobs", "3", str(ROOT / "exercises")])
+    reports = {Path(r["notebook"]).resolve(): r for r in json.loads(out.getvalue())}
+    assert len(reports) == 2 * len(SLUGS)
+    return status, reports
+
+
 @pytest.mark.parametrize("slug", SLUGS)
-def test_solution_notebook_passes_every_check_and_gets_full_marks(slug):
-    report = grade_notebook(SOURCES / f"{slug}.ipynb")
-    assert report.problem is None and report.cell_errors == []
+def test_solution_notebook_passes_every_check_and_gets_full_marks(slug, graded_exercises):
+    report = graded_exercises[1][(SOURCES / f"{slug}.ipynb").resolve()]
+    assert report["problem"] is None and report["cell_errors"] == [] and report["flags"] == []
     task_ids = [t.id for t in tasks_for_chapter(slug)]
     assert 3 <= len(task_ids) <= 6
-    assert [t["task"] for t in report.tasks] == task_ids
-    assert all(t["status"] == "pass" for t in report.tasks), report.to_text()
-    assert report.points == report.max_points == sum(t.points for t in tasks_for_chapter(slug))
+    assert [t["task"] for t in report["tasks"]] == task_ids
+    assert all(t["status"] == "pass" for t in report["tasks"]), report["tasks"]
+    assert report["points"] == report["max_points"] == sum(t.points for t in tasks_for_chapter(slug))
     # The notebook's own check cells, one per task, all printed PASS.
-    assert sorted(c["task"] for c in report.check_cells) == sorted(task_ids)
-    assert {c["status"] for c in report.check_cells} == {"pass"}
-    assert 1 <= len(report.written) <= 3 and all(w["answered"] for w in report.written)
+    assert sorted(c["task"] for c in report["check_cells"]) == sorted(task_ids)
+    assert {c["status"] for c in report["check_cells"]} == {"pass"}
+    assert 1 <= len(report["written"]) <= 3 and all(w["answered"] for w in report["written"])
 
 
 @pytest.mark.parametrize("slug", SLUGS)
-def test_student_notebook_runs_and_reports_not_implemented(slug, capsys):
+def test_student_notebook_runs_and_reports_not_implemented(slug, graded_exercises):
     # Through the command line, with --json, as an instructor would run it.
-    assert main(["grade", "--json", str(ROOT / "exercises" / f"{slug}.ipynb")]) == 0
-    (report,) = json.loads(capsys.readouterr().out)
-    assert report["problem"] is None and report["cell_errors"] == []
+    status, reports = graded_exercises
+    assert status == 0
+    report = reports[(ROOT / "exercises" / f"{slug}.ipynb").resolve()]
+    assert report["problem"] is None and report["cell_errors"] == [] and report["flags"] == []
     assert report["points"] == 0 and report["max_points"] > 0
     assert {t["status"] for t in report["tasks"]} == {"not_implemented"}
     assert len(report["check_cells"]) == len(report["tasks"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from normcourse.exercises.catalog import CHAPTERS, is_chapter
 from normcourse.exercises.diagnosis import GENERAL_MISTAKES
+from normcourse.exercises.grading_guide import grading_section
 
 __all__ = ["instructors_page"]
 
@@ -28,7 +29,7 @@ def _workflow() -> list[str]:
         "chapter, named after the student (`submissions/alice-02_batch_norm.ipynb`); the grader "
         "reads the chapter from the notebook's metadata, so a renamed file is still graded.",
         "4. **Grade.** `python -m normcourse grade submissions/ --jobs 4 --csv gradebook.csv "
-        "--json grades.json` executes every notebook in its own kernel, one thread, with a time "
+        "--json > grades.json` executes every notebook in its own sandboxed kernel, one thread, with a time "
         "limit per task, and checks every task's function itself (edited or deleted check cells "
         "do not change the grade). Each report gives the points per task with the per-output "
         "split, the diagnosis, which written questions were answered, the cells that raised, and "
@@ -112,7 +113,7 @@ def instructors_page() -> str:
         "```bash",
         "python -m normcourse student            # regenerate exercises/*.ipynb from exercises/source/",
         "python -m normcourse grade exercises/02_batch_norm.ipynb          # per-task points",
-        "python -m normcourse grade --json submissions/*.ipynb > grades.json",
+        "python -m normcourse grade submissions/ --jobs 2 --csv grades.csv  # a class",
         "python -m normcourse bundle --chapters 2 3 --out class-week-1     # or --zip",
         "python -m normcourse bundle --chapters 2 3 --out course --format nbgrader",
         "```",
@@ -121,10 +122,10 @@ def instructors_page() -> str:
         "between `### BEGIN SOLUTION` and `### END SOLUTION`. The student versions replace it "
         "with `raise NotImplementedError(...)` (code) or an answer prompt (written questions), "
         "and the test suite checks that the committed student versions are up to date.",
-        "- The grader executes a copy of the notebook (one thread, a timeout per cell, errors "
-        "allowed), then checks every task's function by name itself, so edited or deleted check "
-        "cells do not change the grade. It reports per-task points, the diagnoses, which written "
-        "questions were answered, and the cells that raised.",
+        "- The grader runs each submission in a sandbox, then checks every task's function by "
+        "name with its own checks, so edited, deleted or faked check cells do not change the "
+        "grade (see Grading a class below). It reports per-task points, the diagnoses, which "
+        "written questions were answered, the cells that raised, and flags.",
         "- The bundle is self-contained: the student notebooks; the chapters as MyST notebooks "
         "that read outside the book (the package code they show copied in, citations and "
         "cross-references turned into text, the works cited listed; they still open as notebooks "
@@ -137,6 +138,7 @@ def instructors_page() -> str:
         "writing the functions, and the notebooks' solutions are never shipped.",
         "",
         *_workflow(),
+        *grading_section(),
     ]
     for c in CHAPTERS:
         lines += [
