@@ -23,6 +23,7 @@ from normcourse.functional import (
     check_layer_norm_input,
     renorm_limits,
 )
+from normcourse.sync_batch_norm import SyncBatchNorm  # noqa: F401  (re-exported, chapter 10)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d"]
 
