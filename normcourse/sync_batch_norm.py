@@ -62,9 +62,19 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, *) -> (M, C), M = N * prod(*): one row per value of a channel."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1).t()
+def _reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """Every axis but the channel axis 1: the axes the statistics are taken over."""
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _count(x: torch.Tensor) -> torch.Tensor:
+    """(1,) tensor: this worker's number of values per channel, in x's dtype and device."""
+    return torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+
+
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...): broadcasts against an input with ``ndim`` axes."""
+    return v.view((1, -1) + (1,) * (ndim - 2))
 
 
 def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,14 +83,13 @@ def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     x: (N, C, *) -> count: (1,), mean: (C,), m2: (C,), in x's dtype. Two passes (the mean
     first), the stable way. A worker with no examples returns count 0, mean 0 and M2 0.
     """
-    rows = _channels_last(x)
-    count = torch.full((1,), rows.shape[0], dtype=x.dtype, device=x.device)
-    if rows.shape[0] == 0:
+    count, dims = _count(x), _reduce_dims(x)
+    if x.numel() == 0:
         zeros = x.new_zeros(x.shape[1])
         return count, zeros, zeros.clone()
-    mean = rows.mean(0)
-    centered = rows - mean
-    m2 = (centered * centered).sum(0)
+    mean = x.mean(dims)
+    centered = x - _per_channel(mean, x.ndim)
+    m2 = (centered * centered).sum(dims)
     return count, mean, m2
 
 
@@ -114,9 +123,8 @@ def _gather_and_merge(x: torch.Tensor, group):
 
 def _all_reduce_sums(x: torch.Tensor, group):
     """statistics="sums": all-reduce (count, sum, sum of squares); var = E[x^2] - E[x]^2."""
-    rows = _channels_last(x)
-    count = torch.full((1,), rows.shape[0], dtype=x.dtype, device=x.device)
-    sums = torch.cat((count, rows.sum(0), (rows * rows).sum(0)))  # (2C + 1,)
+    dims = _reduce_dims(x)
+    sums = torch.cat((_count(x), x.sum(dims), (x * x).sum(dims)))  # (2C + 1,)
     dist.all_reduce(sums, group=group)
     c = x.shape[1]
     count = sums[:1]
@@ -136,10 +144,6 @@ def global_moments(x: torch.Tensor, group=None, statistics: str = "chan"):
     if statistics == "sums":
         return _all_reduce_sums(x, group)
     return _gather_and_merge(x, group)
-
-
-def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.view((1, -1) + (1,) * (ndim - 2))
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -171,7 +175,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        dims = (0,) + tuple(range(2, x.ndim))
+        dims = _reduce_dims(x)
         centered = x - _per_channel(mean, x.ndim)
         sum_dy = dy.sum(dims)  # (C,) local
         sum_dy_xmu = (dy * centered).sum(dims)  # (C,) local: sum(dy * (x - mean))
