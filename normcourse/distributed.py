@@ -38,7 +38,7 @@ from normcourse.validation import check_choice
 __all__ = ["DEFAULTS", "train_data_parallel", "main"]
 
 DEFAULTS = {"model": "convnet", "norm": "batch", "steps": 100, "batch_size": 64, "lr": 0.1,
-            "seed": 0, "data": "auto", "channels": (8, 16)}
+            "seed": 0, "data": "auto", "channels": (8, 16), "dtype": "float32"}
 
 
 def _build_model(config: dict, device: torch.device) -> torch.nn.Module:
@@ -51,7 +51,7 @@ def _build_model(config: dict, device: torch.device) -> torch.nn.Module:
         model = models.convnet(norm="batch", channels=tuple(config["channels"]))
     if config["norm"] == "sync":
         model = SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device)
+    return model.to(device, getattr(torch, config["dtype"]))
 
 
 def _device() -> torch.device:
@@ -64,8 +64,10 @@ def train_data_parallel(rank: int, num_workers: int, config: dict | None = None)
     """Train with DDP in this worker; the process group (if any) is already initialized.
 
     Every worker draws the same global batches (same seed) and takes its contiguous slice.
+    ``config``: keys of ``DEFAULTS`` (``dtype`` "float64" makes runs comparable to rounding).
     Returns {"test_accuracy", "losses" (this worker's), "seconds_per_step", "checksum" (sum of
-    all weights: equal on every worker), "world_size", "config"}.
+    all weights: equal on every worker), "weights" (all of them, flattened), "world_size",
+    "config"}.
     """
     config = {**DEFAULTS, **(config or {})}
     device = _device()
@@ -75,7 +77,9 @@ def train_data_parallel(rank: int, num_workers: int, config: dict | None = None)
         model = DistributedDataParallel(model, device_ids=ids)
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
     data = load_mnist(config["data"])
+    dtype = getattr(torch, config["dtype"])
     x_train, y_train = to_tensors(data.train_images, data.train_labels, device, flatten=False)
+    x_train = x_train.to(dtype)
     losses = []
     start = time.perf_counter()
     model.train()
@@ -90,11 +94,13 @@ def train_data_parallel(rank: int, num_workers: int, config: dict | None = None)
     seconds_per_step = (time.perf_counter() - start) / max(1, config["steps"])
     plain = model.module if isinstance(model, DistributedDataParallel) else model
     x_test, y_test = to_tensors(data.test_images, data.test_labels, device, flatten=False)
+    x_test = x_test.to(dtype)
     return {
         "test_accuracy": evaluate(plain, x_test, y_test, batch_size=1000),
         "losses": losses,
         "seconds_per_step": seconds_per_step,
         "checksum": float(sum(p.detach().double().sum() for p in plain.parameters())),
+        "weights": torch.cat([p.detach().flatten().cpu() for p in plain.parameters()]),
         "world_size": num_workers,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
     }
@@ -136,7 +142,7 @@ def main(argv=None) -> dict:
         if distributed:
             dist.destroy_process_group()
     if rank == 0:
-        print(json.dumps({key: value for key, value in result.items() if key != "losses"}
+        print(json.dumps({key: value for key, value in result.items() if key not in ("losses", "weights")}
                          | {"final_loss": result["losses"][-1]}), flush=True)
     return result
 
