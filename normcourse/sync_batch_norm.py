@@ -97,7 +97,8 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan, Golub & LeVeque (1979): the (count, mean, M2) of two parts taken together.
 
     With delta = mean_b - mean_a and n = n_a + n_b:
-        mean = mean_a + delta * n_b / n,   M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+        mean = mean_a + delta * n_b / n,
+        M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
     Only differences of means enter, never a difference of two large sums of squares.
     Either part may be empty (count 0).
     """
@@ -147,7 +148,7 @@ def global_moments(x: torch.Tensor, group=None, statistics: str = "chan"):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm with statistics over all workers, closed-form backward. x: (N_i, C, *).
+    """Batch norm with statistics over all workers, closed-form backward. x: (N_i, C, *)
 
     Forward: global mean and variance (one collective), then y = gamma * xhat + beta.
     Backward: with n the global count, the batch-norm gradient
@@ -157,12 +158,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, momentum, eps, group, statistics):
+    def forward(ctx, x, running_mean, running_var, weight, bias, momentum, eps, group,
+                statistics):
         count, mean, var = global_moments(x, group, statistics)
         n = int(count.item())
         check_global_batch_statistics(n, tuple(x.shape), "SyncBatchNorm")
         if running_mean is not None:
-            update_batch_norm_running_stats(running_mean, running_var, mean, var, momentum, n)
+            update_batch_norm_running_stats(
+                running_mean, running_var, mean, var, momentum, n)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale

@@ -51,12 +51,13 @@ BATCH_NORMS = (ncnn.BatchNorm1d, ncnn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2
 
 
 class GhostBatchNorm(nn.Module):
-    """k workers' plain batch norm, simulated: each 1/k of the batch gets its own statistics.
+    """k workers' plain batch norm, simulated: each slice has its own statistics.
 
-    Wraps a batch-norm layer ``bn`` (its parameters and buffers stay in ``bn``). Training: the
-    input (N, C, *) is cut into ``workers`` equal slices; slice 0 goes through ``bn`` (and updates
-    the running statistics, as worker 0 does), the others are normalized with their own batch
-    statistics and the same gamma and beta. Eval: ``bn`` itself, with the running statistics.
+    Wraps a batch-norm layer ``bn`` (its parameters and buffers stay in ``bn``).
+    Training: the input (N, C, *) is cut into ``workers`` equal slices; slice 0 goes
+    through ``bn`` (and updates the running statistics, as worker 0 does), the others
+    are normalized with their own batch statistics and the same gamma and beta.
+    Eval: ``bn`` itself, with the running statistics.
     """
 
     def __init__(self, bn: nn.Module, workers: int):
@@ -67,7 +68,8 @@ class GhostBatchNorm(nn.Module):
         if not self.training or self.workers == 1:
             return self.bn(x)
         if len(x) % self.workers:
-            raise ValueError(f"a batch of {len(x)} cannot be split over {self.workers} workers")
+            raise ValueError(
+                f"a batch of {len(x)} cannot be split over {self.workers} workers")
         first, *rest = x.chunk(self.workers)
         outs = [self.bn(first)]
         for part in rest:
