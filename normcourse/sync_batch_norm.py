@@ -33,12 +33,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normcourse.functional import (
-    BatchNormFunction,
+from normcourse.functional import BatchNormFunction, update_batch_norm_running_stats
+from normcourse.validation import (
     check_channel_input,
-    update_batch_norm_running_stats,
+    check_choice,
+    check_global_batch_statistics,
+    check_same_dtype,
 )
-from normcourse.validation import check_choice, check_global_batch_statistics
 
 __all__ = [
     "SyncBatchNorm",
@@ -75,6 +76,11 @@ def _count(x: torch.Tensor) -> torch.Tensor:
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """(C,) -> (1, C, 1, ...): broadcasts against an input with ``ndim`` axes."""
     return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _statistics_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or x in float32 if it is float16/bfloat16 (their sums would lose digits)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,6 +166,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, momentum, eps, group,
                 statistics):
+        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype)
+        x = _statistics_dtype(x)  # float16/bfloat16: statistics and output math in float32
         count, mean, var = global_moments(x, group, statistics)
         n = int(count.item())
         check_global_batch_statistics(n, tuple(x.shape), "SyncBatchNorm")
@@ -172,18 +180,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         out = x * _per_channel(scale, x.ndim) + _per_channel(shift, x.ndim)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = n, group
-        return out
+        return out.to(ctx.dtypes[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
+        dy = dy.to(x.dtype)
         dims = _reduce_dims(x)
         centered = x - _per_channel(mean, x.ndim)
         sum_dy = dy.sum(dims)  # (C,) local
         sum_dy_xmu = (dy * centered).sum(dims)  # (C,) local: sum(dy * (x - mean))
-        dweight = sum_dy_xmu * invstd if ctx.needs_input_grad[3] else None
-        dbias = sum_dy if ctx.needs_input_grad[4] else None
+        dweight = (sum_dy_xmu * invstd).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
+        dbias = sum_dy.to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None
         dx = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat((sum_dy, sum_dy_xmu))
@@ -193,7 +202,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             k = invstd if weight is None else invstd * weight
             dx = dy - _per_channel(mean_dy, x.ndim)
             dx = dx - centered * _per_channel(invstd * invstd * mean_dy_xmu, x.ndim)
-            dx = dx * _per_channel(k, x.ndim)
+            dx = (dx * _per_channel(k, x.ndim)).to(ctx.dtypes[0])
         return dx, None, None, dweight, dbias, None, None, None, None
 
 
@@ -224,6 +233,8 @@ class SyncBatchNorm(_TorchBatchNorm):
         # with synchronization the batch-of-one check is done on the global count instead
         check_channel_input(x, [self.num_features], use_batch_stats and not sync,
                             type(self).__name__, SYNC_NDIMS, SYNC_LAYOUTS)
+        check_same_dtype(x, type(self).__name__, weight=self.weight, bias=self.bias,
+                         running_mean=self.running_mean, running_var=self.running_var)
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -276,7 +287,13 @@ class SyncBatchNorm(_TorchBatchNorm):
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    """Batch norm of any kind: torch's (_BatchNorm, SyncBatchNorm, ours) and normcourse's."""
-    from normcourse import nn as ncnn  # normcourse.nn re-exports this module: import late
+    """Batch norm of any kind: torch's (_BatchNorm, SyncBatchNorm, ours) and normcourse.nn's.
 
-    return isinstance(module, (_TorchBatchNorm, ncnn.BatchNorm1d, ncnn.BatchNorm2d))
+    normcourse.nn re-exports this module, so it cannot be imported here (a cycle): its batch
+    norms are recognized as the channel norms whose spread buffer is ``running_var`` (batch
+    renorm keeps ``running_std`` and is left alone).
+    """
+    if isinstance(module, _TorchBatchNorm):
+        return True
+    return (type(module).__module__ == "normcourse.nn"
+            and getattr(module, "_spread_name", None) == "running_var")

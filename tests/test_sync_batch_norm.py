@@ -21,7 +21,13 @@ from torch import nn
 import normcourse.nn as ncnn
 from normcourse import models
 from normcourse.launch import WorkerError, free_port, run_workers
-from normcourse.sync_batch_norm import STATISTICS, SyncBatchNorm, global_moments, merge_moments
+from normcourse.sync_batch_norm import (
+    STATISTICS,
+    SyncBatchNorm,
+    SyncBatchNormFunction,
+    global_moments,
+    merge_moments,
+)
 
 torch.set_num_threads(1)
 
@@ -213,6 +219,27 @@ def test_with_a_group_of_one_it_is_batch_norm(group_of_one):
             torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sync_path_computes_in_float32(group_of_one, dtype):
+    """The synchronized code path itself (a group of one process), mixed precision."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 3, 4) * 2 + 5).to(dtype).requires_grad_()
+    dy = torch.randn(16, 3, 4).to(dtype)
+    weight, bias = (torch.rand(3) + 0.5).requires_grad_(), torch.randn(3).requires_grad_()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    out = SyncBatchNormFunction.apply(x, rm, rv, weight, bias, 0.1, 1e-5, None, "chan")
+    out.backward(dy)
+    assert out.dtype == x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    x32 = x.detach().float().requires_grad_()
+    w32, b32 = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    ref = nn.functional.batch_norm(x32, torch.zeros(3), torch.ones(3), w32, b32, True)
+    ref.backward(dy.float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad, w32.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rm, torch.zeros(3).lerp_(x32.detach().mean((0, 2)), 0.1))
+
+
 @pytest.mark.parametrize("statistics", STATISTICS)
 def test_global_moments_of_a_group_of_one_are_the_batch_moments(group_of_one, statistics):
     x = torch.randn(6, 3, 5, dtype=torch.float64) + 4
@@ -274,6 +301,8 @@ def test_bad_input_gets_a_clear_error():
         layer(torch.randn(1, 3))
     with pytest.raises(ValueError, match="unknown statistics 'mean'"):
         SyncBatchNorm(3, statistics="mean")
+    with pytest.raises(TypeError, match="float64"):
+        layer(torch.randn(5, 3, dtype=torch.float64))
 
 
 def test_convert_sync_batchnorm_replaces_every_batch_norm_and_keeps_its_state():

@@ -25,9 +25,8 @@ from torch import nn
 
 from normcourse import functional as ncF
 from normcourse import models
-from normcourse import nn as ncnn
-from normcourse.data import MNIST, to_tensors
 from normcourse.distributed import train_data_parallel
+from normcourse.experiments.runner import BATCHNORM_TYPES, build_model, mnist_tensors, sweep
 from normcourse.launch import run_workers
 from normcourse.sync_batch_norm import STATISTICS, SyncBatchNorm, global_moments
 from normcourse.train import evaluate, evaluate_with_batch_statistics, train
@@ -47,7 +46,6 @@ __all__ = [
 
 GLOBAL_BATCH = 64
 WORKER_COUNTS = (1, 2, 4, 8)
-BATCH_NORMS = (ncnn.BatchNorm1d, ncnn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class GhostBatchNorm(nn.Module):
@@ -81,7 +79,7 @@ class GhostBatchNorm(nn.Module):
 def ghost_batchnorm(model: nn.Module, workers: int) -> nn.Module:
     """Wrap every batch-norm layer of ``model`` (in place) in ``GhostBatchNorm(layer, workers)``."""
     for name, child in model.named_children():
-        if isinstance(child, BATCH_NORMS):
+        if isinstance(child, BATCHNORM_TYPES):
             setattr(model, name, GhostBatchNorm(child, workers))
         else:
             ghost_batchnorm(child, workers)
@@ -113,13 +111,6 @@ class WorkerRun:
         return abs(self.eval_accuracy - self.batch_stats_accuracy)
 
 
-def _tensors(data) -> tuple[torch.Tensor, ...]:
-    if isinstance(data, MNIST):
-        return (*to_tensors(data.train_images, data.train_labels, flatten=False),
-                *to_tensors(data.test_images, data.test_labels, flatten=False))
-    return tuple(data)
-
-
 @one_thread()
 def train_with_workers(data, workers: int, *, seed: int, steps: int = 1000,
                        lr: float = 0.5) -> WorkerRun:
@@ -127,9 +118,9 @@ def train_with_workers(data, workers: int, *, seed: int, steps: int = 1000,
 
     ``workers=1`` is one device, and also what SyncBatchNorm computes for any number of workers.
     """
-    x_train, y_train, x_test, y_test = _tensors(data)
-    seed_everything(seed)
-    model = ghost_batchnorm(models.mlp(norm="batch"), workers)
+    x_train, y_train, x_test, y_test = mnist_tensors(data)
+    # the batch norm paper's MLP with sigmoid units, as in chapter 3
+    model = ghost_batchnorm(build_model("batch", seed=seed, activation="sigmoid"), workers)
     history = train(model, (x_train, y_train, x_test, y_test), steps=steps,
                     batch_size=GLOBAL_BATCH, lr=lr, seed=seed, eval_every=steps // 10,
                     progress=False)
@@ -144,8 +135,13 @@ def train_with_workers(data, workers: int, *, seed: int, steps: int = 1000,
 
 def worker_count_sweep(data, seeds=(0,), counts=WORKER_COUNTS, **kwargs) -> list[WorkerRun]:
     """``train_with_workers`` for every worker count and seed (global batch 64 throughout)."""
-    data = _tensors(data)
-    return [train_with_workers(data, k, seed=s, **kwargs) for s in seeds for k in counts]
+    data = mnist_tensors(data)  # converted once for all runs
+
+    def run(workers: int, seed: int) -> WorkerRun:
+        return train_with_workers(data, workers, seed=seed, **kwargs)
+
+    runs = sweep(run, (((s, k), {"workers": k, "seed": s}) for s in seeds for k in counts))
+    return list(runs.values())
 
 
 # ---------------------------------------------------------------------------------------------
