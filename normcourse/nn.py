@@ -26,6 +26,7 @@ from normcourse.functional import (
     renorm_limits,
 )
 from normcourse.validation import check_channel_input, check_layer_norm_input, check_same_dtype
+from normcourse.sync_batch_norm import SyncBatchNorm  # noqa: F401  (re-exported, chapter 10)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d"]
 

@@ -26,6 +26,7 @@ __all__ = [
     "check_rank",
     "check_channels",
     "check_batch_statistics",
+    "check_global_batch_statistics",
     "check_normalized_shape",
     "check_choice",
     "check_running_pair",
@@ -107,6 +108,17 @@ def check_batch_statistics(x, layer: str) -> None:
             "Expected more than 1 value per channel when training, got input of shape "
             f"{tuple(x.shape)} in {layer}: use a batch of at least 2 examples, or call .eval() "
             "to normalize with the running statistics"
+        )
+
+
+def check_global_batch_statistics(count: int, local_shape: tuple, layer: str) -> None:
+    """Like ``check_batch_statistics`` for a batch split over workers: ``count`` is the number of
+    values per channel over *all* workers (one worker may hold none, the whole batch may not)."""
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {count} over all workers "
+            f"(this worker's input has shape {local_shape}) in {layer}: use a larger global batch, "
+            "or call .eval() to normalize with the running statistics"
         )
 
 

@@ -45,7 +45,7 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 
 torch.set_num_threads(1)
 
-CHAPTERS = sorted((REPO / "book").glob("0*.md"))
+CHAPTERS = sorted((REPO / "book").glob("[0-9][0-9]_*.md"))
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (make test installs it when it can)
 # From the toolchain notes: headless, and no background traffic of Chromium's own.

@@ -20,11 +20,12 @@ CHAPTER_MODULE = re.compile(r"^normcourse\.experiments\.ch\d\d_\w+$")
 # imports within one layer are allowed (the graph must still be acyclic). Every module of the
 # package must match one pattern, so that a new module is placed deliberately.
 LAYERS: list[tuple[str, ...]] = [
-    ("normcourse", "normcourse.validation", "normcourse.data", "normcourse.utils"),
+    ("normcourse", "normcourse.validation", "normcourse.data", "normcourse.utils",
+     "normcourse.launch"),
     ("normcourse.reference", "normcourse.functional", "normcourse.gradcheck"),
-    ("normcourse.nn",),
+    ("normcourse.nn", "normcourse.sync_batch_norm"),
     ("normcourse.models", "normcourse.recurrent", "normcourse.benchmarking"),
-    ("normcourse.train",),
+    ("normcourse.train", "normcourse.distributed"),
     ("normcourse.experiments", "normcourse.experiments.runner"),
     (r"normcourse.experiments.ch\d\d_\w+",),
     (r"normcourse.exercises(\.\w+)*",),

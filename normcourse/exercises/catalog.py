@@ -138,6 +138,25 @@ CHAPTERS: tuple[Chapter, ...] = (
             "what batch renorm is with rmax = 1 and dmax = 0, and why the schedule starts there",
         ),
     ),
+    Chapter(
+        10, "10_batch_norm_across_devices", "Batch norm across devices",
+        (
+            "say what a data-parallel worker's batch norm computes, and simulate k workers with "
+            "ghost batches",
+            "combine the workers' statistics with an all-reduce of counts, sums and sums of "
+            "squares, or with Chan et al.'s merge of means and M2",
+            "derive synchronized batch norm's backward pass: all-reduce two per-feature sums",
+            "apply Goyal et al.'s rule and decide when not to synchronize",
+        ),
+        50, 50,
+        ("02_batch_norm", "04_test_time_statistics",
+         "data parallelism (DistributedDataParallel)"),
+        (
+            "why averaging the workers' variances is wrong, even with equal slices",
+            "what Goyal et al.'s rule keeps fixed when workers are added, and when not to "
+            "synchronize batch norm",
+        ),
+    ),
 )
 
 BY_NUMBER = {c.number: c for c in CHAPTERS}
