@@ -29,8 +29,10 @@ import sys
 import threading
 
 import numpy as np
+import torch
 
-from normcourse.exercises.diagnosis import AnswerProblem, OutputTask, Result, Task
+from normcourse.exercises.diagnosis import (AnswerProblem, OutputTask, Result, Task, precision_of,
+                                           to_array)
 
 __all__ = ["definitions", "serve", "AnswerSession", "check_task", "MAX_ELEMENTS"]
 
@@ -77,13 +79,33 @@ def _encode(array: np.ndarray) -> dict:
     return {"shape": list(array.shape), "data": array.ravel().tolist()}
 
 
+def _encode_value(value, name: str) -> dict:
+    """One returned output as data: its numbers as float64 and, below float64, its precision
+    (the grader's float32 diagnosis needs it)."""
+    item = _encode(to_array(value, name))
+    precision = precision_of(value)
+    if precision:
+        item["precision"] = precision
+    return item
+
+
 def _record_case(task: OutputTask, answer, case) -> dict:
+    record = {}
     try:
-        return {"outputs": [_encode(a) for a in task.run(answer, case)]}
+        returned, values = task.values(answer, case)
+        if len(task.outputs) == 1 and isinstance(returned, tuple) and len(returned) >= 2:
+            # kept for the grader's "(out, cache) returned where out is asked" diagnosis
+            try:
+                first = _encode_value(returned[0], task.outputs[0])
+            except AnswerProblem:
+                first = None
+            record["returned_tuple"] = {"length": len(returned), "first": first}
+        record["outputs"] = [_encode_value(v, n) for v, n in zip(values, task.outputs)]
+        return record
     except NotImplementedError:
         return {"error": "not_implemented"}
     except AnswerProblem as problem:
-        return {"error": "answer_problem", "message": str(problem)[:2000]}
+        return {**record, "error": "answer_problem", "message": str(problem)[:2000]}
     except BaseException as error:  # noqa: BLE001 - SystemExit (exit()) and the rest are data
         return {"error": "exception", "type": type(error).__name__, "message": str(error)[:2000]}
 
@@ -100,8 +122,6 @@ def _record(task: Task, namespace: dict) -> dict:
 def serve() -> None:
     """The answer process: read the definitions, then answer one task id per line of stdin."""
     import os
-
-    import torch
 
     from normcourse.exercises.catalog import TASKS
 
@@ -131,11 +151,17 @@ SERVE = "from normcourse.exercises.answers import serve; serve()"
 
 
 # ---- in the grader's process ----------------------------------------------------------------
-def _decode(item) -> np.ndarray:
+def _decode(item):
+    """An output as the answer returned it: float64 numbers, or a tensor of its lower precision."""
+    if item is None:
+        return None
     shape = tuple(int(n) for n in item["shape"])
     if item.get("too_large"):
         return np.broadcast_to(np.nan, shape)
-    return np.asarray(item["data"], dtype=np.float64).reshape(shape)
+    array = np.asarray(item["data"], dtype=np.float64).reshape(shape)
+    if item.get("precision"):  # exact: the numbers were this precision's to begin with
+        return torch.from_numpy(array).to(getattr(torch, item["precision"]))
+    return array
 
 
 def _exception(record: dict) -> BaseException:
@@ -173,13 +199,18 @@ def check_task(task: Task, record: dict) -> Result:
     replay = _Replay()
 
     class Replayed(type(task)):
-        def run(self, function, case):
+        def values(self, function, case):
             if function is not replay:
-                return super().run(function, case)
+                return super().values(function, case)
             entry = cases[id(case)]
+            if "returned_tuple" in entry:
+                shape = entry["returned_tuple"]
+                returned = (_decode(shape["first"]),) + (None,) * (shape["length"] - 1)
+                return returned, [returned]
             if "error" in entry:
                 raise _exception(entry)
-            return [_decode(item) for item in entry["outputs"]]
+            outputs = [_decode(item) for item in entry["outputs"]]
+            return (outputs[0] if len(outputs) == 1 else tuple(outputs)), outputs
 
     replayed = Replayed.__new__(Replayed)
     replayed.__dict__.update(task.__dict__)
