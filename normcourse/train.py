@@ -28,9 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from normcourse.data import iid_batches, to_tensors
+from normcourse.progress import progress_bar
 from normcourse.utils import one_thread, seed_everything
 from normcourse.validation import check_choice, check_floating
 
@@ -334,7 +333,8 @@ def train(
             ``normcourse.data.class_subset_batches`` for non-i.i.d. batches; default
             ``iid_batches`` (reshuffled each epoch).
         probes: ``ActivationProbe``s, recorded during each test evaluation.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar of the steps (``normcourse.progress``: a widget in
+            Jupyter, text in a terminal, none when ``NORMCOURSE_PROGRESS=0``).
         eval_batch_size: evaluate in chunks of this size (memory only; eval mode).
         batch_stats_eval: also record test accuracy with batch statistics in batches of
             ``batch_size`` (``evaluate_with_batch_statistics``).
@@ -376,7 +376,7 @@ def train(
     model.train()
     start = time.perf_counter()
     loss_sum, loss_count = 0.0, 0
-    bar = tqdm(range(1, steps + 1), desc="training", disable=not progress, leave=False)
+    bar = progress_bar(range(1, steps + 1), desc="training", show=progress, leave=False)
     for step in bar:
         tic = time.perf_counter()
         indices = _next_indices(batches, step, batch_size, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from normcourse.data import class_subset_batches
+from normcourse.progress import sweep
 from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
 
 __all__ = [
@@ -70,7 +71,7 @@ def compare_norms(
     tensors = mnist_tensors(data, test_examples)
     return {
         norm: _run(tensors, norm, steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every)
-        for norm in norms
+        for norm in sweep(norms, "norm")
     }
 
 
@@ -92,7 +93,7 @@ def noniid_comparison(
     tensors = mnist_tensors(data, test_examples)
     labels = tensors[1].numpy()
     results = {}
-    for norm in norms:
+    for norm in sweep(norms, "norm (non-i.i.d. batches)"):
         sampler = class_subset_batches(labels, classes_per_batch, batch_size, seed=seed)
         results[norm] = _run(tensors, norm, steps, batch_size=batch_size, lr=lr, seed=seed,
                              sampler=sampler, eval_every=eval_every)

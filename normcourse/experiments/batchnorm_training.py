@@ -12,6 +12,7 @@ learning rate 0.5 and PyTorch's default initialization unless a function says ot
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import product
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch
 from normcourse import data as nc_data
 from normcourse import models, reference
 from normcourse.gradcheck import rel_error
+from normcourse.progress import sweep
 from normcourse.train import ActivationProbe, History, train
 from normcourse.utils import seed_everything
 
@@ -101,7 +103,7 @@ def figure1(
     settings = {"none": ("none", "before"), "batch": ("batch", "before"),
                 "batch_after": ("batch", "after")}
     histories = {}
-    for variant in variants:
+    for variant in sweep(variants, "Fig. 1 run"):
         if variant not in settings:
             raise ValueError(f"unknown variant {variant!r}; choose from {sorted(settings)}")
         norm, position = settings[variant]
@@ -141,7 +143,7 @@ def lr_sweep(
 ) -> dict[tuple[str, float], History]:
     """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
     return {(norm, lr): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr)
-            for norm in norms for lr in lrs}
+            for norm, lr in sweep(product(norms, lrs), "norm, learning rate")}
 
 
 def init_scale_sweep(
@@ -159,7 +161,7 @@ def init_scale_sweep(
     """
     return {(norm, scale): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr,
                                      init_scale=scale)
-            for norm in norms for scale in scales}
+            for norm, scale in sweep(product(norms, scales), "norm, weight scale")}
 
 
 def scale_invariance(a: float, seed: int = 0, batch: int = 60, fan_in: int = 50, width: int = 20,

@@ -18,6 +18,7 @@ from normcourse import reference
 from normcourse.experiments.batch_renorm import compare_norms
 from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
 from normcourse.utils import one_thread
+from normcourse.progress import sweep
 from normcourse.recurrent import RecurrentClassifier
 from normcourse.train import History, evaluate, train
 from normcourse.utils import seed_everything
@@ -132,7 +133,7 @@ def batch_size_comparison(
         raise ValueError(f"steps gives no step count for batch sizes {missing}")
     return {
         b: compare_norms(tensors, norms, batch_size=b, steps=steps_for[b], lr=lr, seed=seed, eval_every=eval_every)
-        for b in batch_sizes
+        for b in sweep(batch_sizes, "batch size")
     }
 
 
@@ -153,7 +154,7 @@ def convnet_comparison(
     return {
         norm: train_classifier(tensors, norm=norm, architecture="convnet", batch_size=batch_size,
                                steps=steps, lr=lr, seed=seed, eval_every=eval_every)
-        for norm in norms
+        for norm in sweep(norms, "convnet norm")
     }
 
 
@@ -178,7 +179,7 @@ def recurrent_comparison(
     rows = lambda x: x.reshape(len(x), 28, 28)  # noqa: E731  (N, 1, 28, 28) -> (N, T=28, 28)
     tensors = (rows(x_train[:train_examples]), y_train[:train_examples], rows(x_test), y_test)
     results = {}
-    for norm in norms:
+    for norm in sweep(norms, "RNN norm"):
         seed_everything(seed)
         model = RecurrentClassifier(28, hidden_size, 10, norm=norm)
         history = train(model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam",

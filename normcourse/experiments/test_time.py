@@ -24,6 +24,7 @@ from torch import nn
 from normcourse import models, reference
 from normcourse import nn as ncnn
 from normcourse.data import MNIST, to_tensors
+from normcourse.progress import sweep
 from normcourse.train import evaluate, evaluate_with_batch_statistics, train
 from normcourse.utils import one_thread, seed_everything
 
@@ -233,7 +234,7 @@ def batch_size_sweep(
     tensors = mnist_tensors(data, test_examples)
     return [
         train_classifier(tensors, norm="batch", batch_size=b, steps=steps, lr=lr, seed=seed)
-        for b in batch_sizes
+        for b in sweep(batch_sizes, "batch size")
     ]
 
 
