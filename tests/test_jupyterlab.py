@@ -327,6 +327,18 @@ def test_lab_ui_runs_an_exercise_notebook(lab, chromium_options):
                 title.wait_for(timeout=deadline.ms())
                 assert title.inner_text().strip() == "Batch normalization"
                 page.screenshot(path=str(SCREENSHOTS / "chapter_02.png"))
+                # A reference to another chapter is a link to its file (a MyST {ref} to a label
+                # in another file would show "target not found" and a warning icon).
+                link = chapter.locator("a[href*='01_input_normalization.md']").first
+                # jupyterlab-myst renders a cell again once it has read the whole notebook,
+                # which replaces the link element: wait for the final one, then scroll to it.
+                page.wait_for_function(
+                    f"() => {CURRENT_PANEL_JS}?.querySelector(\"a[href*='01_input_normalization"
+                    ".md']\")?.isConnected", timeout=deadline.ms())
+                page.wait_for_timeout(1000)
+                link.evaluate("a => a.scrollIntoView({block: 'center'})", timeout=deadline.ms())
+                assert link.inner_text(timeout=deadline.ms()).strip() == "Input normalization"
+                page.screenshot(path=str(SCREENSHOTS / "chapter_02_link.png"))
 
                 relative = notebook_path.relative_to(REPO).as_posix()
                 panel = open_in_lab(page, lab, relative, deadline)
