@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-__all__ = ["ENV_VAR", "enabled", "progress_bar", "sweep", "write"]
+__all__ = ["ENV_VAR", "describe", "enabled", "progress_bar", "sweep", "write"]
 
 ENV_VAR = "NORMCOURSE_PROGRESS"
 _OFF = ("0", "false", "no", "off")
@@ -40,11 +40,12 @@ def progress_bar(iterable: Iterable | None = None, *, show: bool = True, **tqdm_
     return tqdm(iterable, disable=disable, **tqdm_kwargs)
 
 
-def _describe(setting) -> str:
+def describe(setting) -> str:
+    """A setting as the bar shows it: a tuple's items joined by commas, else ``str``."""
     return ", ".join(map(str, setting)) if isinstance(setting, tuple) else str(setting)
 
 
-def sweep(settings: Iterable, desc: str, describe: Callable[[object], str] = _describe) -> Iterator:
+def sweep(settings: Iterable, desc: str, describe: Callable[[object], str] = describe) -> Iterator:
     """Yield each setting of a sweep while one bar counts the runs done.
 
     settings: one item per run (listed first, for the total); desc: what is swept, e.g.

@@ -28,7 +28,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 SWEEP_CELL = """\
 import torch
 from normcourse.data import load_mnist
-from normcourse.experiments import batchnorm_training as bt
+from normcourse.experiments import ch03_training_with_batch_norm as bt
 
 torch.set_num_threads(1)
 tensors = bt.mnist_tensors(load_mnist("embedded"))
