@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     bundle.add_argument("--out", required=True, help="output folder (or zip with --zip)")
     bundle.add_argument("--zip", dest="as_zip", action="store_true", help="write a zip archive")
     bundle.add_argument("--root", default=".", help="repository root (default: .)")
+    bundle.add_argument("--format", dest="fmt", choices=("student", "nbgrader"), default="student",
+                        help="student: notebooks, chapters, wheel, README (default); nbgrader: an "
+                             "nbgrader course folder with source notebooks (with solutions)")
     bundle.set_defaults(run=commands.bundle)
 
     instructors = subcommands.add_parser("instructors", help="print or write the instructor page")

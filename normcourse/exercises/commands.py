@@ -41,11 +41,12 @@ def grade(notebooks: list[str], timeout: int = 120, as_json: bool = False) -> in
     return 0
 
 
-def bundle(chapters: list[str], out: str, root: str = ".", as_zip: bool = False) -> int:
-    """Write a class bundle of ``chapters`` (numbers or slugs) to ``out``."""
+def bundle(chapters: list[str], out: str, root: str = ".", as_zip: bool = False,
+           fmt: str = "student") -> int:
+    """Write a class bundle of ``chapters`` (numbers or slugs) to ``out``, in format ``fmt``."""
     from normcourse.exercises.bundle import bundle as write_bundle
 
-    written = write_bundle(chapters, out, root=root, as_zip=as_zip)
+    written = write_bundle(chapters, out, root=root, as_zip=as_zip, fmt=fmt)
     print(f"wrote {written}")
     return 0
 

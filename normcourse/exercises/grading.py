@@ -20,7 +20,7 @@ import nbformat
 import normcourse
 from normcourse.exercises.catalog import Chapter, chapter as find_chapter, tasks_for_chapter
 from normcourse.exercises.checks import RESULT_MIME
-from normcourse.exercises.diagnosis import Result
+from normcourse.exercises.diagnosis import Result, points_text
 from normcourse.exercises.notebooks import ANSWER_PROMPT
 
 __all__ = ["GradeReport", "grade_notebook", "report_namespace", "RESULT_MARKER"]
@@ -83,8 +83,7 @@ class GradeReport:
         width = max((len(t["task"]) for t in self.tasks), default=0)
         for t in self.tasks:
             status = {"pass": "PASS", "fail": "FAIL", "not_implemented": "TODO"}[t["status"]]
-            lines.append(f"  {t['task']:<{width}}  {t['points']}/{t['max_points']}  {status:<4}  "
-                         f"{t['message']}")
+            lines.append(f"  {t['task']:<{width}}  {points_text(t)}  {status:<4}  {t['message']}")
         lines.append(f"  total: {self.points}/{self.max_points} points (auto-checked)")
         for w in self.written:
             state = "answered" if w["answered"] else "not answered"
