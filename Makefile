@@ -62,7 +62,10 @@ $(STAMP): requirements.txt pyproject.toml
 # Sphinx re-reads only changed pages, so the warnings (failed cells included) of a failed build
 # would not come back on the next one: after a failed build, re-read every page. Chapters that
 # executed cleanly come from the execution cache either way.
+# NORMCOURSE_PROGRESS=0: no progress bars while the chapters execute (normcourse/progress.py): a
+# built page must not hold a progress widget, and a text bar on stderr would fail the -W build.
 BOOK_OK := _build/.book-built-cleanly
+book: export NORMCOURSE_PROGRESS := 0
 book: $(STAMP)
 	@if [ -f $(BOOK_OK) ]; then all=; else all=--all; fi; \
 	rm -f $(BOOK_OK); \

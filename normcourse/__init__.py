@@ -3,7 +3,7 @@
 Modules (import the one you need, e.g. ``from normcourse import reference``):
 
 - ``validation``: the shared input checks; ``utils``: seeding, the one-thread guard,
-  ``restoring_modes``
+  ``restoring_modes``; ``progress``: progress bars (one per sweep; off in the built book)
 - ``reference``: NumPy forward and backward passes written by hand
 - ``functional``: the same in PyTorch, as autograd Functions with closed-form backward
 - ``nn``: drop-in modules (BatchNorm1d/2d, LayerNorm, BatchRenorm1d/2d)

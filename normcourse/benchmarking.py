@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from itertools import product
 
 import torch
 import torch.nn.functional as tF
 
 from normcourse import functional as ncF
+from normcourse.progress import sweep, write
 
+LAYERS = ("batch_norm", "layer_norm", "batch_renorm")
 # (name, shape): (N, C) for fully connected layers, (N, C, H, W) for conv layers.
 SHAPES = [
     ("fc 256x512", (256, 512)),
@@ -129,8 +132,9 @@ def measure_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-def run_benchmarks(device, quick: bool, log=print, compile: bool | None = None, compile_backend: str = "inductor"):
-    """One row per (layer, shape) of ``SHAPES``: each variant's time, ratio to native, saved bytes.
+def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, compile_backend: str = "inductor"):
+    """One row per (layer, shape) of ``LAYERS`` x ``SHAPES``: each variant's time, ratio to
+    native, saved bytes; ``log`` gets each row as a line (default: printed above the progress bar).
 
     ``quick``: fewer and shorter timed blocks. ``compile`` (default: ``not quick``) adds the
     ``compiled`` variant, built with ``torch.compile(backend=compile_backend)``.
@@ -138,27 +142,27 @@ def run_benchmarks(device, quick: bool, log=print, compile: bool | None = None, 
     results = []
     repeats, min_time = (3, 0.01) if quick else (7, 0.2)
     compile = not quick if compile is None else compile
-    for layer in ("batch_norm", "layer_norm", "batch_renorm"):
-        for shape_name, shape in SHAPES:
-            torch.manual_seed(0)
-            cases, ours, step = make_cases(layer, shape, device)
-            if compile:
-                torch._dynamo.reset()  # a fresh compilation for every case, no recompile limits
-                compiled = torch.compile(ours, dynamic=False, backend=compile_backend)
-                cases["compiled"] = step(compiled)
-            row = {"layer": layer, "shape": shape_name, "elements": math.prod(shape)}
-            for variant, run in cases.items():
-                t = median_time(run, device, repeats, min_time)
-                entry = {"seconds": t, "saved_bytes": saved_bytes(run)}
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                    run()
-                    entry["peak_bytes"] = torch.cuda.max_memory_allocated()
-                row[variant] = entry
-            for variant in cases:
-                row[variant]["ratio"] = row[variant]["seconds"] / row["native"]["seconds"]
-            results.append(row)
-            log(format_row(row))
+    settings = sweep(product(LAYERS, SHAPES), f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
+    for layer, (shape_name, shape) in settings:
+        torch.manual_seed(0)
+        cases, ours, step = make_cases(layer, shape, device)
+        if compile:
+            torch._dynamo.reset()  # a fresh compilation for every case, no recompile limits
+            compiled = torch.compile(ours, dynamic=False, backend=compile_backend)
+            cases["compiled"] = step(compiled)
+        row = {"layer": layer, "shape": shape_name, "elements": math.prod(shape)}
+        for variant, run in cases.items():
+            t = median_time(run, device, repeats, min_time)
+            entry = {"seconds": t, "saved_bytes": saved_bytes(run)}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                entry["peak_bytes"] = torch.cuda.max_memory_allocated()
+            row[variant] = entry
+        for variant in cases:
+            row[variant]["ratio"] = row[variant]["seconds"] / row["native"]["seconds"]
+        results.append(row)
+        log(format_row(row))
     return results
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from normcourse.progress import progress_bar
 
 from normcourse.validation import check_choice
 
@@ -213,13 +214,13 @@ def _fetch(url: str, progress: bool) -> bytes:
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         total = response.headers.get("Content-Length")
         chunks = []
-        with tqdm(
+        with progress_bar(
             total=int(total) if total else None,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
             desc=url.rsplit("/", 1)[-1],
-            disable=not progress,
+            show=progress,
         ) as bar:
             while chunk := response.read(_CHUNK):
                 chunks.append(chunk)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from normcourse.data import iid_batches, to_tensors
+from normcourse.progress import progress_bar
 from normcourse.utils import one_thread, restoring_modes, seed_everything
 from normcourse.validation import check_choice, check_floating
 
@@ -344,7 +344,8 @@ def train(
         probes: ``ActivationProbe``s, recorded during each test evaluation.
         evaluation: ``EvalOptions`` (chunk size, batch-statistics accuracy, training subset).
         device: where the model and the data go.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar of the steps (``normcourse.progress``: a widget in
+            Jupyter, text in a terminal, none when ``NORMCOURSE_PROGRESS=0``).
 
     The model is in training mode during the steps and in eval mode (no gradients) during the
     evaluations. A NaN or infinite loss stops the run with ``history.diverged = True``.
@@ -385,7 +386,7 @@ def train(
     model.train()
     start = time.perf_counter()
     loss_sum, loss_count = 0.0, 0
-    bar = tqdm(range(1, steps + 1), desc="training", disable=not progress, leave=False)
+    bar = progress_bar(range(1, steps + 1), desc="training", show=progress, leave=False)
     for step in bar:
         tic = time.perf_counter()
         indices = _next_indices(batches, step, batch_size, device)

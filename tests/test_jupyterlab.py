@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -239,3 +240,144 @@ def test_lab_shows_a_chapter_as_a_notebook(lab, chromium_options):
         finally:
             browser.close()
     assert not foreign, f"JupyterLab requested other hosts: {foreign}"
+
+
+# The exercise notebook the UI test runs, with the solution of its first task pasted in.
+EXERCISE = "02_batch_norm.ipynb"
+SOLVED_TASK = "02.batchnorm_forward"
+UI_TEST_LIMIT = 420  # seconds for the whole UI test; it takes about a minute on a quiet machine
+SCREENSHOTS = REPO / "_build" / "screenshots" / "lab"
+WORKSPACE = f"ui-test-{uuid.uuid4().hex[:8]}"
+
+
+def notebook_with_one_solution(folder: Path) -> tuple[Path, str]:
+    """A copy of the student notebook in ``folder`` whose first task holds its solution (the
+    function cell of exercises/source/); returns (path, the solved function's name)."""
+    student = json.loads((REPO / "exercises" / EXERCISE).read_text())
+    source = json.loads((REPO / "exercises" / "source" / EXERCISE).read_text())
+    name = SOLVED_TASK.split(".", 1)[1]
+    definition = f"def {name}("
+    solution = next(c for c in source["cells"] if "".join(c["source"]).startswith(definition))
+    stub = next(c for c in student["cells"] if "".join(c["source"]).startswith(definition))
+    assert "NotImplementedError" in "".join(stub["source"])
+    stub["source"] = solution["source"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EXERCISE
+    path.write_text(json.dumps(student, indent=1))
+    return path, name
+
+
+class Deadline:
+    """One time limit for a whole test: every wait gets what is left of it."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def ms(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            pytest.fail("the test ran past its time limit")
+        return left * 1000
+
+
+# The notebook panel on screen (JupyterLab keeps other tabs in the page, hidden).
+CURRENT_PANEL_JS = ("[...document.querySelectorAll('.jp-NotebookPanel')]"
+                    ".find(p => !p.classList.contains('lm-mod-hidden'))")
+
+
+def open_in_lab(page, lab, path: str, deadline: "Deadline"):
+    """Open ``path`` alone in a fresh JupyterLab workspace (no tabs restored from an earlier
+    session) in the notebook view, and wait until its kernel is idle."""
+    page.goto(f"{lab.url}/lab/workspaces/{WORKSPACE}/tree/{path}?reset&token={lab.token}",
+              timeout=deadline.ms())
+    panel = page.locator(".jp-NotebookPanel:visible")
+    panel.locator(".jp-CodeCell").first.wait_for(timeout=deadline.ms())
+    page.wait_for_function(
+        f"""() => {{
+          const panel = {CURRENT_PANEL_JS};
+          return panel?.querySelector('.jp-Toolbar-kernelName')?.textContent.includes('Python 3')
+                 && panel.querySelector('.jp-Notebook-ExecutionIndicator')?.dataset.status === 'idle';
+        }}""",
+        timeout=deadline.ms(),
+    )
+    return panel
+
+
+@pytest.mark.browser
+def test_lab_ui_runs_an_exercise_notebook(lab, chromium_options):
+    # A student in JupyterLab: opens a chapter, then an exercise notebook with task 1 solved,
+    # runs all its cells from the Run menu, and reads the check cells' verdicts.
+    from playwright.sync_api import sync_playwright
+
+    deadline = Deadline(UI_TEST_LIMIT)
+    chapter_file = REPO / "book" / "02_batch_norm.md"
+    chapter_bytes = chapter_file.read_bytes()
+    folder = REPO / "_build" / "lab_ui_test" / uuid.uuid4().hex[:8]  # inside the server's root
+    notebook_path, solved = notebook_with_one_solution(folder)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(**chromium_options)
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+
+                chapter = open_in_lab(page, lab, "book/02_batch_norm.md", deadline)
+                # jupyterlab-myst renders the markdown cells (the title is the first one's h1).
+                title = chapter.locator(".jp-MarkdownCell h1").first
+                title.wait_for(timeout=deadline.ms())
+                assert title.inner_text().strip() == "Batch normalization"
+                page.screenshot(path=str(SCREENSHOTS / "chapter_02.png"))
+                # A reference to another chapter is a link to its file (a MyST {ref} to a label
+                # in another file would show "target not found" and a warning icon).
+                link = chapter.locator("a[href*='01_input_normalization.md']").first
+                # jupyterlab-myst renders a cell again once it has read the whole notebook,
+                # which replaces the link element: wait for the final one, then scroll to it.
+                page.wait_for_function(
+                    f"() => {CURRENT_PANEL_JS}?.querySelector(\"a[href*='01_input_normalization"
+                    ".md']\")?.isConnected", timeout=deadline.ms())
+                page.wait_for_timeout(1000)
+                link.evaluate("a => a.scrollIntoView({block: 'center'})", timeout=deadline.ms())
+                assert link.inner_text(timeout=deadline.ms()).strip() == "Input normalization"
+                page.screenshot(path=str(SCREENSHOTS / "chapter_02_link.png"))
+
+                relative = notebook_path.relative_to(REPO).as_posix()
+                panel = open_in_lab(page, lab, relative, deadline)
+                cells = json.loads(notebook_path.read_text())["cells"]
+                code_cells = sum(c["cell_type"] == "code" for c in cells)
+                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                # Done when every code cell shows an execution count ([n]: rather than [*]:).
+                page.wait_for_function(
+                    f"""n => {{
+                      const prompts = [...{CURRENT_PANEL_JS}
+                                          .querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+                      return prompts.length === n
+                             && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+                    }}""",
+                    arg=code_cells, timeout=deadline.ms(),
+                )
+                panel.locator(".jp-OutputArea-output", has_text="[PASS]").first \
+                    .scroll_into_view_if_needed(timeout=deadline.ms())
+                page.screenshot(path=str(SCREENSHOTS / "exercise_02_run_all.png"))
+                errors = panel.locator(
+                    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+                error_texts = [errors.nth(i).inner_text() for i in range(errors.count())]
+                verdicts = [
+                    t for t in panel.locator(".jp-CodeCell .jp-OutputArea-output").all_inner_texts()
+                    if t.startswith("[")
+                ]
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(folder)  # the copy, and any checkpoint JupyterLab saved beside it
+        requests.delete(f"{lab.url}/lab/api/workspaces/{WORKSPACE}", headers=lab.headers,
+                        timeout=30)
+
+    # Opening a chapter must not rewrite it (jupytext would save it in its own layout).
+    assert chapter_file.read_bytes() == chapter_bytes, "JupyterLab rewrote the chapter file"
+    assert not error_texts, "cells showed errors:\n" + "\n".join(error_texts)
+    # The solved task passes; every task that still holds its stub says so in its check cell.
+    solved_verdicts = [v for v in verdicts if f"] {SOLVED_TASK} " in v]
+    assert len(solved_verdicts) == 1 and solved_verdicts[0].startswith("[PASS]"), verdicts
+    others = [v for v in verdicts if v not in solved_verdicts]
+    assert others and all(v.startswith("[NOT IMPLEMENTED]") for v in others), verdicts

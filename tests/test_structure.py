@@ -21,7 +21,7 @@ CHAPTER_MODULE = re.compile(r"^normcourse\.experiments\.ch\d\d_\w+$")
 # package must match one pattern, so that a new module is placed deliberately.
 LAYERS: list[tuple[str, ...]] = [
     ("normcourse", "normcourse.validation", "normcourse.data", "normcourse.utils",
-     "normcourse.launch"),
+     "normcourse.launch", "normcourse.progress"),
     ("normcourse.reference", "normcourse.functional", "normcourse.gradcheck"),
     ("normcourse.nn", "normcourse.sync_batch_norm"),
     ("normcourse.models", "normcourse.recurrent", "normcourse.benchmarking"),

@@ -20,6 +20,9 @@ from pathlib import Path
 __all__ = ["BookIndex", "standalone", "pyobject_source", "read_bibliography"]
 
 ROLE = re.compile(r"\{(cite:t|cite:p|cite|ref|numref|eq|doc|download)\}`([^`]*)`", re.S)
+# A link to another page of the book (the chapters refer to each other so, which JupyterLab's
+# MyST renderer shows as a link, where a {ref} to another file's label reads "not found").
+PAGE_LINK = re.compile(r"\[([^\]]+)\]\(([\w-]+)\.md\)")
 DIRECTIVE = re.compile(r"^(`{3,})\{([\w-]+)\}\s*(.*)$")
 TARGET = re.compile(r"^\(([\w-]+)\)=\s*$")
 EQUATION_LABEL = re.compile(r"^\$\$ \(([\w-]+)\)\s*$")
@@ -142,6 +145,11 @@ def _resolve_role(role: str, content: str, page: str, index: BookIndex, chapter:
     return elsewhere if text is None else f"{text} (in {elsewhere})"
 
 
+def _resolve_page_link(text: str, page: str, index: BookIndex, bundled: set[str]) -> str:
+    where = index.page_text(page, bundled)
+    return where if text == index.titles.get(page) else f"{text} (in {where})"
+
+
 def _reference_list(keys: list[str], index: BookIndex) -> list[str]:
     lines = ["", "## References", ""]
     for key in keys:
@@ -240,6 +248,8 @@ def standalone(page: str | Path, index: BookIndex, bundled: set[str] = frozenset
     body = "\n".join(out)
     body = ROLE.sub(lambda m: _resolve_role(m.group(1), m.group(2), page.stem, index, chapter,
                                             set(bundled)), body)
+    body = PAGE_LINK.sub(lambda m: _resolve_page_link(m.group(1), m.group(2), index, set(bundled)),
+                         body)
     if chapter.cited:
         body = body.rstrip("\n") + "\n" + "\n".join(_reference_list(chapter.cited, index))
     return body.rstrip("\n") + "\n"

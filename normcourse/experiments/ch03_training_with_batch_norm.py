@@ -94,7 +94,8 @@ def figure1(
         check_choice(variant, tuple(settings), "variant")
     runs = [(v, {"norm": settings[v][0], "norm_position": settings[v][1]}) for v in variants]
     return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, lr=lr,
-                                        eval_every=eval_every, probe=True, **kw), runs)
+                                        eval_every=eval_every, probe=True, **kw), runs,
+                 "Fig. 1 variant")
 
 
 def percentile_drift(history: History, window: int = 5) -> np.ndarray:
@@ -128,7 +129,8 @@ def lr_sweep(
 ) -> dict[tuple[str, float], History]:
     """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
     runs = [((norm, lr), {"norm": norm, "lr": lr}) for norm in norms for lr in lrs]
-    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, **kw), runs)
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, **kw), runs,
+                 "norm, learning rate")
 
 
 def init_scale_sweep(
@@ -146,7 +148,8 @@ def init_scale_sweep(
     """
     runs = [((norm, scale), {"norm": norm, "init_scale": scale})
             for norm in norms for scale in scales]
-    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, lr=lr, **kw), runs)
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, lr=lr, **kw), runs,
+                 "norm, weight scale")
 
 
 def scale_invariance(a: float, seed: int = 0, batch: int = 60, fan_in: int = 50, width: int = 20,

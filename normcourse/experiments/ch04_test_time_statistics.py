@@ -135,7 +135,7 @@ def batch_size_sweep(
     tensors = mnist_tensors(data, test_examples)
     runs = [(i, {"batch_size": b}) for i, b in enumerate(batch_sizes)]
     results = sweep(lambda **kw: train_classifier(tensors, norm="batch", steps=steps, lr=lr,
-                                                  seed=seed, **kw), runs)
+                                                  seed=seed, **kw), runs, "batch size")
     return list(results.values())
 
 

@@ -136,7 +136,7 @@ def batch_size_comparison(
         raise ValueError(f"steps gives no step count for batch sizes {missing}")
     runs = [(b, {"batch_size": b, "steps": steps_for[b]}) for b in batch_sizes]
     return sweep(lambda **kw: train_norms(tensors, norms, lr=lr, seed=seed,
-                                          eval_every=eval_every, **kw), runs)
+                                          eval_every=eval_every, **kw), runs, "batch size")
 
 
 def convnet_comparison(
@@ -156,7 +156,8 @@ def convnet_comparison(
     runs = [(norm, {"norm": norm}) for norm in norms]
     return sweep(lambda **kw: train_classifier(tensors, architecture="convnet",
                                                batch_size=batch_size, steps=steps, lr=lr,
-                                               seed=seed, eval_every=eval_every, **kw), runs)
+                                               seed=seed, eval_every=eval_every, **kw), runs,
+                 "convnet norm")
 
 
 @one_thread()
@@ -187,4 +188,4 @@ def recurrent_comparison(
                         optimizer="adam", seed=seed, eval_every=eval_every, progress=False)
         return history, evaluate(model, tensors[2], tensors[3])
 
-    return sweep(run, [(norm, {"norm": norm}) for norm in norms])
+    return sweep(run, [(norm, {"norm": norm}) for norm in norms], "RNN norm")

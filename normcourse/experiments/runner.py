@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from normcourse import models
+from normcourse import models, progress
 from normcourse import nn as ncnn
 from normcourse.data import MNIST, to_tensors
 from normcourse.train import History, evaluate, evaluate_with_batch_statistics, train
@@ -218,7 +218,7 @@ def train_norms(
         return train_classifier(data, norm=norm, steps=steps, renorm_kwargs=renorm_kwargs,
                                 sampler=sampler, **settings)
 
-    return sweep(run, ((norm, {"norm": norm}) for norm in norms))
+    return sweep(run, ((norm, {"norm": norm}) for norm in norms), "norm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,15 +227,18 @@ def train_norms(
 def sweep(
     run: Callable[..., Result],
     settings: Iterable[tuple[Hashable, Mapping]] | Mapping[Hashable, Mapping],
+    desc: str = "runs",
 ) -> dict[Hashable, Result]:
     """Call ``run(**kwargs)`` for each ``(key, kwargs)`` of ``settings``, in order.
 
     Returns ``{key: result}``. ``settings`` is a sequence of pairs or a mapping
-    ``{key: kwargs}``. Every experiment that trains several models loops here, so that a
-    progress bar over the runs (or a cache of results) has one place to go.
+    ``{key: kwargs}``. Every experiment that trains several models loops here, so this is
+    where its progress bar is: runs done / runs total, ``desc: <key of the current run>``
+    (``normcourse.progress``: a widget in Jupyter, text in a terminal, none in the book).
     """
     pairs: Iterator = iter(settings.items() if isinstance(settings, Mapping) else settings)
     results = {}
-    for key, kwargs in pairs:
+    key_of_run = lambda pair: progress.describe(pair[0])  # noqa: E731
+    for key, kwargs in progress.sweep(pairs, desc, describe=key_of_run):
         results[key] = run(**kwargs)
     return results
