@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,12 +140,19 @@ def graded(tmp_path_factory):
         nbformat.write(notebook, folder / f"{name}.ipynb")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     gradebook = tmp_path_factory.mktemp("out") / "grades.csv"
+    # This run's sandboxes live under their own folder, so that the leftover-process check
+    # below sees only them and not the sandboxes other tests run at the same time.
+    sandboxes, default_tempdir = tmp_path_factory.mktemp("sandboxes"), tempfile.tempdir
     out = io.StringIO()
     start = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        status = main(["grade", str(folder), "--jobs", "3", "--json", "--csv", str(gradebook),
-                       "--timeout", str(TIMEOUT), "--task-timeout", "30", "--processes", "128",
-                       "--memory-mb", "3072"])
+    tempfile.tempdir = str(sandboxes)
+    try:
+        with contextlib.redirect_stdout(out):
+            status = main(["grade", str(folder), "--jobs", "3", "--json", "--csv", str(gradebook),
+                           "--timeout", str(TIMEOUT), "--task-timeout", "30", "--processes", "128",
+                           "--memory-mb", "3072"])
+    finally:
+        tempfile.tempdir = default_tempdir
     seconds = time.perf_counter() - start
     reports = {Path(r["notebook"]).stem: r for r in json.loads(out.getvalue())}
     try:
@@ -153,7 +161,8 @@ def graded(tmp_path_factory):
     except BlockingIOError:
         reached = False
     server.close()
-    return {"status": status, "reached_server": reached, "reports": reports, "folder": folder, "before": before,
+    return {"status": status, "sandboxes": sandboxes, "reached_server": reached, "reports": reports,
+            "folder": folder, "before": before,
             "gradebook": gradebook, "seconds": seconds}
 
 
@@ -238,12 +247,14 @@ def test_a_fork_bomb_is_contained_and_leaves_no_process(graded):
     report = graded["reports"]["forkbomb"]
     assert report["points"] == FULL
     assert "reached the limit of 128 processes" in _flags(report)
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _in_a_sandbox(pid)]
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _in(graded["sandboxes"], pid)]
+    assert not left
 
 
-def _in_a_sandbox(pid: str) -> bool:
+def _in(sandboxes: Path, pid: str) -> bool:
+    """Whether process ``pid`` belongs to a sandbox under ``sandboxes`` (its HOME is there)."""
     try:
-        return b"normcourse-grade-" in Path(f"/proc/{pid}/environ").read_bytes()
+        return str(sandboxes).encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
 
