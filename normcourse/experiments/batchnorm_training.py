@@ -1,8 +1,8 @@
 """Chapter 3's experiments: training the BN paper's MNIST network with and without batch norm.
 
 Every function returns ``normcourse.train.History`` objects (or plain dicts of numbers), so that the
-chapter plots what it gets and ``tests/test_claims_ch1_3.py`` asserts the chapter's claims over
-several seeds by calling the same functions with the same settings.
+chapter plots what it gets and ``tests/test_claims_ch03_training_with_batch_norm.py`` asserts the
+chapter's claims over several seeds by calling the same functions with the same settings.
 
 The network is the paper's (Sec. 4.1): 784-100-100-100-10, sigmoid hidden units, batch 60,
 cross-entropy. The paper gives no optimizer or learning rate; we use plain SGD (no momentum) with
