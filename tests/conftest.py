@@ -71,6 +71,32 @@ def chromium_options() -> dict:
     except ImportError:
         pytest.skip("the playwright python package is not installed (see requirements.txt)")
     return {"executable_path": str(CHROMIUM), "headless": True, "args": CHROMIUM_ARGS}
+# The claim tests (tests/test_claims_chNN_topic.py) run on both data sets a reader can have: the
+# embedded subset that ships with the package (what `make test` uses on a fresh clone) always,
+# and full MNIST when it is available (NORMCOURSE_DATA, or the default cache). A claim that only
+# holds on one of them is not a claim; a data set that is missing is a visible skip, never silence.
+DATA_SOURCES = ("embedded", "full")
+
+
+@pytest.fixture(scope="session", params=DATA_SOURCES)
+def claims_mnist(request):
+    """The MNIST of one data source (test id ``[embedded]`` or ``[full]``), loaded once per process.
+
+    ``full`` skips, with the reason, when full MNIST is not there; a corrupt copy fails loudly.
+    Run only the full-MNIST claims with ``pytest tests/test_claims_ch*.py -k full``.
+    """
+    from normcourse.data import MNISTNotFoundError, load_mnist
+
+    try:
+        mnist = load_mnist(source=request.param)
+    except MNISTNotFoundError as err:
+        if os.environ.get("NORMCOURSE_REQUIRE_FULL") == "1":  # .ci/run's second step
+            pytest.fail(f"NORMCOURSE_REQUIRE_FULL=1 but full MNIST is not available: {err}")
+        pytest.skip(f"full MNIST is not available, so its claim tests do not run: {err}")
+    print(f"\ndata: {mnist.source}")
+    return mnist
+
+
 NOTEBOOK_TESTS = "test_notebooks.py"
 
 

@@ -3,8 +3,22 @@
 Serves the built HTML on 127.0.0.1 and opens each page in Debian's headless Chromium through
 Playwright. On every page: no console errors, no failed requests, no request to another host
 (the site must work offline), math typeset by MathJax without errors, every image loaded,
-exercise solutions collapsed until clicked, and every internal link answered with HTTP 200.
+exercise solutions collapsed until clicked, every internal link answered with HTTP 200, and no
+code block (package code, cell input or output) wider than its box at a 1280-px-wide window.
 A full-page screenshot of each chapter goes to ``_build/screenshots/`` for review.
+
+Waiting for the network to go quiet: the test does not use Playwright's ``networkidle`` load
+state. That state hung (timeout after 120 s) on the chapters visited after another page in the
+same browser context, because of how Playwright (1.65, with Debian's Chromium 156) computes it:
+with the profile's disk cache warm, every asset of a chapter arrives within ~0.3 s, so
+``networkidle`` fires while the page's scripts are still running (MathJax typesets a chapter for
+seconds before DOMContentLoaded); MathJax then fetches its fonts, and the request resets the
+frame's idle flag without clearing the fired event, so no idle timer is restarted when it ends;
+the DOMContentLoaded that follows recomputes the state, finds the frame not idle and removes
+``networkidle``, and nothing ever fires it again (seen in the CDP log: every request finished,
+Chromium reported its own networkIdle, Playwright never did). A cold cache (the first page, or a
+page run alone) loads slowly enough that the race is not hit, hence "passes alone, fails after
+other pages". ``PageLog.wait_until_quiet`` waits on the requests the page itself reports instead.
 
 Needs ``make book`` first (``make test`` does it) and /usr/bin/chromium (``make test`` installs
 it when it runs as root on Debian; see the ``chromium_options`` fixture in conftest.py); skips
@@ -16,6 +30,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +44,13 @@ SCREENSHOTS = REPO / "_build" / "screenshots"
 HOST = "127.0.0.1"
 # Folders of the build that hold assets and sources, not pages.
 NOT_PAGES = {"_static", "_sources", "_images", "_sphinx_design_static", "_panels_static"}
+# Generous: under `make test` the browser shares 2 cores with training runs, and a page that
+# loads in 2-3 s alone was seen to need over 30 s. A wait limit, not a tolerance.
+WAIT_MS = 120_000
+# The narrowest common laptop window: the book's code must fit its code column at this width.
+VIEWPORT = {"width": 1280, "height": 900}
+# The network counts as quiet when no request has been in flight for this long.
+QUIET_MS = 500
 
 pytestmark = pytest.mark.browser
 
@@ -84,11 +106,9 @@ def browser_context(tmp_path_factory, chromium_options):
         context = playwright.chromium.launch_persistent_context(
             user_data_dir=str(tmp_path_factory.mktemp("chromium-profile")),
             **chromium_options,
-            viewport={"width": 1440, "height": 900},
+            viewport=VIEWPORT,
         )
-        # Generous: under `make test` the browser shares 2 cores with training runs, and a page
-        # that loads in 2-3 s alone was seen to need over 30 s. A wait limit, not a tolerance.
-        context.set_default_timeout(120_000)
+        context.set_default_timeout(WAIT_MS)
         try:
             yield context
         finally:
@@ -96,16 +116,21 @@ def browser_context(tmp_path_factory, chromium_options):
 
 
 class PageLog:
-    """What a page did while it loaded: console errors, failed and foreign requests."""
+    """What a page did while it loaded: console errors, failed and foreign requests, and the
+    requests still in flight (for ``wait_until_quiet``)."""
 
     def __init__(self, page):
+        self.page = page
         self.errors: list[str] = []
         self.failed: list[str] = []
         self.foreign: list[str] = []
+        self.in_flight: set = set()
+        self.last_activity = time.monotonic()
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(f"uncaught exception: {exc}"))
         page.on("request", self._request)
-        page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
+        page.on("requestfinished", self._done)
+        page.on("requestfailed", self._failed)
         page.on("response", self._response)
 
     def _console(self, message):
@@ -113,13 +138,37 @@ class PageLog:
             self.errors.append(f"console error: {message.text} at {message.location}")
 
     def _request(self, request):
+        self.in_flight.add(request)
+        self.last_activity = time.monotonic()
         parts = urlsplit(request.url)
         if parts.scheme not in ("data", "blob", "about") and parts.hostname != HOST:
             self.foreign.append(request.url)
 
+    def _done(self, request):
+        self.in_flight.discard(request)
+        self.last_activity = time.monotonic()
+
+    def _failed(self, request):
+        self._done(request)
+        self.failed.append(f"{request.url} ({request.failure})")
+
     def _response(self, response):
         if response.status >= 400:
             self.failed.append(f"{response.url} (HTTP {response.status})")
+
+    def wait_until_quiet(self, timeout_ms: float) -> None:
+        """Return once no request of this page has been in flight for QUIET_MS.
+
+        Playwright delivers the page's request events while it waits, so poll with its clock.
+        Raises TimeoutError naming the requests still open (none can be open for long on this
+        local server unless something is wrong).
+        """
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self.in_flight or time.monotonic() - self.last_activity < QUIET_MS / 1000:
+            if time.monotonic() > deadline:
+                open_requests = sorted(r.url for r in self.in_flight)
+                raise TimeoutError(f"the network never went quiet; in flight: {open_requests}")
+            self.page.wait_for_timeout(100)
 
 
 # Waits for MathJax's first typesetting pass, then lists math that did not become mjx-container.
@@ -152,6 +201,24 @@ async () => {
     img.addEventListener('load', done); img.addEventListener('error', done);
   })));
   return images.filter(img => !(img.naturalWidth > 0)).map(img => img.currentSrc || img.src);
+}
+"""
+
+
+# Opens every <details> (hidden code cells, dropdowns) so that all code blocks are laid out, then
+# lists the blocks whose content is wider than their box (they would show a horizontal scroll
+# bar): their kind, width in excess, and their longest line.
+WIDE_CODE_JS = """
+() => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  return [...document.querySelectorAll('pre')]
+    .filter(pre => pre.scrollWidth > pre.clientWidth)
+    .map(pre => {
+      const kind = pre.closest('.cell_output') ? 'cell output'
+                 : pre.closest('.cell_input') ? 'cell input' : 'code block';
+      const longest = pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '');
+      return `${kind} ${pre.scrollWidth - pre.clientWidth}px too wide: ${longest.trim().slice(0, 90)}`;
+    });
 }
 """
 
@@ -205,7 +272,7 @@ def test_page_works_offline(page_path, base_url, browser_context):
             # index.html forwards to the landing page; check where it lands.
             page.wait_for_url("**/book/intro.html")
             page.wait_for_load_state("load")
-        page.wait_for_load_state("networkidle")
+        log.wait_until_quiet(timeout_ms=WAIT_MS)
 
         math = page.evaluate(UNTYPESET_MATH_JS)
         assert not math["untypeset"], f"math not typeset: {math['untypeset']}"
@@ -225,10 +292,12 @@ def test_page_works_offline(page_path, base_url, browser_context):
         if is_chapter(page_path):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / f"{Path(page_path).stem}.png"), full_page=True)
+        wide = page.evaluate(WIDE_CODE_JS)  # after the screenshot: it opens hidden code cells
 
-        page.wait_for_load_state("networkidle")
+        log.wait_until_quiet(timeout_ms=WAIT_MS)
         assert not log.foreign, f"requests to other hosts (the site must work offline): {log.foreign}"
         assert not log.failed, f"failed requests: {log.failed}"
         assert not log.errors, "\n".join(log.errors)
+        assert not wide, f"code wider than its column at {VIEWPORT['width']} px: {wide}"
     finally:
         page.close()

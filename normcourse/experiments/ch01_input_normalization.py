@@ -5,8 +5,9 @@ exact quadratic: the Hessian ``H = X^T X / N`` does not depend on ``w``, gradien
 ``lr`` converges exactly when ``lr < 2 / lambda_max(H)``, and its speed is set by the condition
 number ``lambda_max / lambda_min``. Everything here is NumPy, float64, deterministic.
 
-The functions return arrays; the chapter plots them and ``tests/test_claims_ch1_3.py`` asserts the
-chapter's claims by calling the same functions over several seeds.
+The functions return arrays; the chapter plots them and
+``tests/test_claims_ch01_input_normalization.py`` asserts the chapter's claims by calling the same
+functions over several seeds.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Chapter 3's experiments: training the BN paper's MNIST network with and without batch norm.
 
 Every function returns ``normcourse.train.History`` objects (or plain dicts of numbers), so that
-the chapter plots what it gets and ``tests/test_claims_ch1_3.py`` asserts the chapter's claims
+the chapter plots what it gets and ``tests/test_claims_ch03_training_with_batch_norm.py`` asserts the chapter's claims
 over several seeds by calling the same functions with the same settings. The data are the
 tensors of ``runner.mnist_tensors``; models come from ``runner.build_model``.
 

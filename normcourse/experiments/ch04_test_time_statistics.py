@@ -6,8 +6,9 @@ after training, what happens when ``eval()`` is forgotten, freezing batch norm f
 folding an eval-mode batch norm into the linear layer before it. The classifiers are trained by
 ``runner.train_classifier`` (``batchnorm_layers`` and ``ClassifierResult`` come from the runner).
 
-The chapter plots what these functions return and ``tests/test_claims_ch4_6.py`` asserts its claims
-by calling the same functions over several seeds.
+The chapter plots what these functions return and
+``tests/test_claims_ch04_test_time_statistics.py`` asserts its claims by calling the same
+functions over several seeds.
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""The claims of chapter 6 (batch renormalization), asserted by calling the same experiment
+functions the chapter plots (``normcourse.experiments.ch06_batch_renorm``).
+
+The fast tests are exact facts. The ``slow`` tests train small models over three seeds and require
+each claim on every seed plus a margin on the mean; they run once per data source (``claims_mnist``
+in conftest.py: the embedded subset always, full MNIST when it is available, else a skip that says
+why). Runs shared with the other chapters' claim tests come from ``claim_runs.py``. The measured
+numbers are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normcourse.nn as ncnn
+from claim_runs import report, runs_for
+from normcourse.experiments import ch06_batch_renorm as brx
+from normcourse.utils import seed_everything
+
+torch.set_num_threads(1)
+
+SEEDS = (0, 1, 2)
+
+# ---------------------------------------------------------------------------------------------
+# Fast, exact claims
+# ---------------------------------------------------------------------------------------------
+def test_batch_renorm_training_output_equals_inference_output():
+    seed_everything(0)
+    layer = ncnn.BatchRenorm1d(4, warmup_steps=0, rmax_steps=1, dmax_steps=1, rmax=1e3, dmax=1e3,
+                               dtype=torch.float64)
+    for _ in range(10):
+        layer.train()(torch.randn(4, 4, dtype=torch.float64) * 3 + 2)
+    x = torch.randn(4, 4, dtype=torch.float64) * 3 + 2
+    with torch.no_grad():
+        inference = layer.eval()(x)
+        training = layer.train()(x)
+    assert torch.allclose(training, inference, atol=1e-12)
+
+
+def test_renorm_schedule_is_the_paper_schedule_scaled():
+    assert brx.renorm_schedule(50000) == {"rmax": 3.0, "dmax": 5.0, **brx.PAPER_SCHEDULE}
+    assert brx.renorm_schedule(2000) == {"rmax": 3.0, "dmax": 5.0, "warmup_steps": 200,
+                                         "dmax_steps": 1000, "rmax_steps": 1600}
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow claims: trained models, three seeds, on each data source
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(claims_mnist):
+    """The trained runs of chapters 4-6 on one data source (see claim_runs.py and conftest.py)."""
+    return runs_for(claims_mnist)
+
+
+@pytest.mark.slow
+def test_ch6_batch_renorm_beats_batch_norm_at_batch_4(runs):
+    bn = [runs.iid("batch", 4, s).eval_accuracy for s in SEEDS]
+    renorm = [runs.iid("renorm", 4, s).eval_accuracy for s in SEEDS]
+    layer = [runs.iid("layer", 4, s).eval_accuracy for s in SEEDS]
+    report("BN@4 eval", bn)
+    report("renorm@4 eval", renorm)
+    report("LN@4 eval", layer)
+    assert all(r > b for r, b in zip(renorm, bn))
+    assert np.mean(renorm) > np.mean(bn) + 0.01
+    # batch renorm and layer norm end up close
+    assert abs(np.mean(renorm) - np.mean(layer)) < 0.015
+
+
+@pytest.mark.slow
+def test_ch6_noniid_batches_break_batch_norm_not_batch_renorm(runs):
+    bn = [runs.noniid("batch", s) for s in SEEDS]
+    renorm = [runs.noniid("renorm", s).eval_accuracy for s in SEEDS]
+    layer = [runs.noniid("layer", s).eval_accuracy for s in SEEDS]
+    report("non-iid BN eval", [r.eval_accuracy for r in bn])
+    report("non-iid BN batch statistics", [r.batch_stats_accuracy for r in bn])
+    report("non-iid renorm eval", renorm)
+    report("non-iid LN eval", layer)
+    best_bn = [max(b.eval_accuracy, b.batch_stats_accuracy) for b in bn]  # either way of evaluating
+    assert all(r > b + 0.1 for r, b in zip(renorm, best_bn))
+    assert min(renorm) > 0.9
+    # layer norm never looks at the batch: far above batch norm on average, above it on every seed
+    # (it varies more from seed to seed: 2-class batches make the gradient steps noisy)
+    assert all(ln > b + 0.05 for ln, b in zip(layer, best_bn))
+    assert np.mean(layer) > np.mean(best_bn) + 0.1
