@@ -4,7 +4,8 @@ functions the chapter plots.
 - Simulated workers (ghost batches), global batch 64 over 1, 2, 4, 8 workers, three seeds: the
   training loss grows with the number of workers, the accuracy with per-worker batch statistics
   falls and its gap to eval mode grows, while eval-mode accuracy moves by at most a few points.
-  On the embedded subset always; on full MNIST too when NORMCOURSE_DATA holds it (else skipped).
+  On the embedded subset always; on full MNIST too when it is there (``claims_mnist``; else a
+  visible skip).
 - Real gloo workers: SyncBatchNorm makes two DDP workers train what one process trains on the whole
   batch; plain batch norm does not; Chan's merge keeps float32 variances where summed squares lose
   them; two collectives per batch-norm layer and step.
@@ -13,45 +14,41 @@ The measured numbers are printed (``pytest -s``).
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import numpy as np
 import pytest
 import torch
 
-from normcourse.data import load_mnist
 from normcourse.experiments import ch10_batch_norm_across_devices as ch10
 
 torch.set_num_threads(1)
 
 SEEDS = (0, 1, 2)
-SOURCES = ["embedded", "full"]
+_SWEEPS: dict[str, dict] = {}
 
 
-@lru_cache(maxsize=None)
-def _sweep(source: str) -> dict:
-    if source == "full" and not os.environ.get("NORMCOURSE_DATA"):
-        pytest.skip("full MNIST claims need NORMCOURSE_DATA (a folder with the MNIST files)")
-    runs = ch10.worker_count_sweep(load_mnist(source), seeds=SEEDS)
-    for r in runs:
-        print(f"{source} seed {r.seed}, {r.workers} workers: eval {r.eval_accuracy:.4f}, "
-              f"batch stats {r.batch_stats_accuracy:.4f}, gap {r.train_eval_gap:.4f}, "
-              f"loss {r.train_loss[-1]:.3f}")
-    return {(r.seed, r.workers): r for r in runs}
+def _sweep(mnist) -> dict:
+    """The worker-count sweep on one data source (``claims_mnist``: embedded, or full MNIST)."""
+    if mnist.source not in _SWEEPS:
+        runs = ch10.worker_count_sweep(mnist, seeds=SEEDS)
+        for r in runs:
+            print(f"seed {r.seed}, {r.workers} workers: eval {r.eval_accuracy:.4f}, "
+                  f"batch stats {r.batch_stats_accuracy:.4f}, gap {r.train_eval_gap:.4f}, "
+                  f"loss {r.train_loss[-1]:.3f}")
+        _SWEEPS[mnist.source] = {(r.seed, r.workers): r for r in runs}
+    return _SWEEPS[mnist.source]
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_training_loss_grows_with_the_number_of_workers(source):
-    runs = _sweep(source)
+def test_training_loss_grows_with_the_number_of_workers(claims_mnist):
+    runs = _sweep(claims_mnist)
     for seed in SEEDS:
         losses = [runs[seed, k].train_loss[-1] for k in ch10.WORKER_COUNTS]
         assert all(a < b for a, b in zip(losses, losses[1:])), (seed, losses)
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_per_worker_statistics_open_a_train_eval_gap(source):
-    runs = _sweep(source)
+def test_per_worker_statistics_open_a_train_eval_gap(claims_mnist):
+    runs = _sweep(claims_mnist)
     gaps = {k: [runs[s, k].train_eval_gap for s in SEEDS] for k in (1, 8)}
     drops = [runs[s, 1].batch_stats_accuracy - runs[s, 8].batch_stats_accuracy for s in SEEDS]
     for seed in range(len(SEEDS)):
@@ -61,9 +58,8 @@ def test_per_worker_statistics_open_a_train_eval_gap(source):
     assert np.mean(drops) > 0.015, drops
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_eval_accuracy_moves_by_at_most_a_few_points(source):
-    runs = _sweep(source)
+def test_eval_accuracy_moves_by_at_most_a_few_points(claims_mnist):
+    runs = _sweep(claims_mnist)
     one = np.mean([runs[s, 1].eval_accuracy for s in SEEDS])
     for k in ch10.WORKER_COUNTS[1:]:
         assert abs(np.mean([runs[s, k].eval_accuracy for s in SEEDS]) - one) < 0.03
