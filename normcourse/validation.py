@@ -20,6 +20,7 @@ __all__ = [
     "check_batch_statistics",
     "check_normalized_shape",
     "check_choice",
+    "check_groups",
 ]
 
 
@@ -102,3 +103,18 @@ def check_choice(value, choices, what: str) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"unknown {what} {value!r}; choose one of {valid}")
+
+
+def check_groups(num_channels: int, num_groups: int, layer: str) -> None:
+    """Raise ValueError unless ``num_groups`` is a positive integer that divides ``num_channels``.
+
+    Group norm splits the C channels into groups of C / G consecutive channels: they must come
+    out whole.
+    """
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"{layer} expects num_groups to be a positive integer, got {num_groups!r}")
+    if num_channels % num_groups:
+        raise ValueError(
+            f"{layer}: num_channels={num_channels} must be divisible by num_groups={num_groups} "
+            "(each group takes C / G consecutive channels)"
+        )
