@@ -655,7 +655,9 @@ def _rms_normalize(x, normalized_shape, eps):
     """Return (xhat, rstd): x / sqrt(mean(x^2) + eps) over the trailing axes, and 1 / that root."""
     x = _cast(x, _stats_dtype(x))
     dims = _normalized_dims(x, normalized_shape)
-    rstd = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    # the mean square of each row through a vector norm: one read, no squared copy of x stored
+    n = math.prod(normalized_shape)
+    rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / n + eps)
     return x * rstd, rstd
 
 
