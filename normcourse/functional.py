@@ -618,7 +618,10 @@ def _group_norm_backward(needs, dy, x, weight, bias_dtype, num_groups, eps):
     if needs[0]:
         g = dy if weight is None else dy * _per_channel(_cast(weight, dy.dtype), x)
         g = g.reshape(xhat.shape)
-        dx = rstd * (g - g.mean(2, keepdim=True) - xhat * (g * xhat).mean(2, keepdim=True))
+        # in place on its own temporaries: fewer fresh tensors of x's size (each costs page
+        # faults on a CPU); autograd still differentiates every step
+        dx = (g - g.mean(2, keepdim=True)).addcmul_(xhat, (g * xhat).mean(2, keepdim=True),
+                                                    value=-1.0).mul_(rstd)
         dx = _cast(dx.view(x.shape), x.dtype)
     if needs[1]:
         dweight = _cast(_sum_except_channels(dy * xhat.view(x.shape)), weight.dtype)
