@@ -16,6 +16,7 @@ last hidden sigmoid of the default MLP is ``model.act3``'s input.
 ``"torch_layer"``  ``torch.nn.LayerNorm``
 ``"group"``        ``normcourse.nn.GroupNorm`` (``num_groups`` groups; convnet only, chapter 8)
 ``"instance"``     ``normcourse.nn.InstanceNorm2d(affine=True)`` (convnet only; chapter 8)
+``"rms"``          ``normcourse.nn.RMSNorm`` over the same axes as ``"layer"`` (chapter 8)
 =================  ==============================================================================
 
 A linear or conv layer that feeds a batch norm or batch renorm has no bias: the norm subtracts the
@@ -34,11 +35,13 @@ from torch import nn
 from normcourse import nn as ncnn
 from normcourse.validation import check_choice
 
-__all__ = ["NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
+__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
 
 NORMS = ("none", "batch", "layer", "renorm", "torch_batch", "torch_layer")
-# chapter 8's norms, for the convnet only (instance norm needs feature maps)
-CONV_NORMS = NORMS + ("group", "instance")
+# chapter 8's norms: RMSNorm in both builders; group and instance norm in the convnet only
+# (instance norm needs feature maps)
+MLP_NORMS = NORMS + ("rms",)
+CONV_NORMS = NORMS + ("rms", "group", "instance")
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NORM_POSITIONS = ("before", "after")
 
@@ -63,6 +66,8 @@ def _norm_layer(norm: str, shape: tuple[int, ...], renorm_kwargs: dict | None,
         return nn.LayerNorm(shape)
     if norm == "group":
         return ncnn.GroupNorm(num_groups, channels)
+    if norm == "rms":
+        return ncnn.RMSNorm(shape)
     if norm == "instance":
         return ncnn.InstanceNorm2d(channels, affine=True)
     raise AssertionError(f"unhandled norm {norm!r}")  # names are checked by the builders
@@ -107,7 +112,7 @@ def mlp(
         renorm_kwargs: keyword arguments for ``BatchRenorm1d`` (``rmax``, ``warmup_steps``, ...),
             only with ``norm="renorm"``.
     """
-    _check_common(norm, activation, renorm_kwargs)
+    _check_common(norm, activation, renorm_kwargs, MLP_NORMS)
     check_choice(norm_position, NORM_POSITIONS, "norm_position")
     sizes = tuple(sizes)
     if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):

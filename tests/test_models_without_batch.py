@@ -34,3 +34,12 @@ def test_bad_group_count_and_instance_norm_in_an_mlp_are_clear_errors():
         models.convnet(norm="group", num_groups=5)
     with pytest.raises(ValueError, match="unknown norm 'instance'"):
         models.mlp(norm="instance")  # a vector has no positions to normalize a channel over
+
+
+def test_rms_norm_in_both_builders_normalizes_like_layer_norm_over_the_same_axes():
+    model = models.mlp(sizes=(8, 6, 3), norm="rms")
+    assert isinstance(model.norm1, ncnn.RMSNorm) and model.norm1.normalized_shape == (6,)
+    assert model.fc1.bias is not None  # RMSNorm subtracts no mean: the bias is not redundant
+    conv = models.convnet(norm="rms", channels=(4,))
+    assert conv.norm1.normalized_shape == (4, 28, 28)
+    assert conv(torch.rand(1, 1, 28, 28)).shape == (1, 10)
