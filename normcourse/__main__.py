@@ -2,93 +2,54 @@
 
 Commands: ``student`` (write the student notebooks), ``grade`` (grade submitted notebooks),
 ``bundle`` (chapters and exercises for a class), ``instructors`` (the book's instructor page).
+This module only parses arguments; ``normcourse.exercises.commands`` does the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
-def _student(args) -> int:
-    from normcourse.exercises import notebooks
+def _parser() -> argparse.ArgumentParser:
+    from normcourse.exercises import commands
 
-    source, out = Path(args.root) / "exercises" / "source", Path(args.root) / "exercises"
-    if args.check:
-        stale = notebooks.out_of_date(source, out)
-        for path in stale:
-            print(f"out of date: {path}")
-        return 1 if stale else 0
-    for path in notebooks.write_student_versions(source, out):
-        print(f"wrote {path}")
-    return 0
-
-
-def _grade(args) -> int:
-    from normcourse.exercises.grading import grade_notebook
-
-    reports = [grade_notebook(path, timeout=args.timeout) for path in args.notebooks]
-    if args.json:
-        print(json.dumps([r.to_dict() for r in reports], indent=1))
-    else:
-        print("\n\n".join(r.to_text() for r in reports))
-    return 0
-
-
-def _bundle(args) -> int:
-    from normcourse.exercises.bundle import bundle
-
-    written = bundle(args.chapters, args.out, root=args.root, as_zip=args.zip)
-    print(f"wrote {written}")
-    return 0
-
-
-def _instructors(args) -> int:
-    from normcourse.exercises.bundle import instructors_page
-
-    page = instructors_page()
-    if args.write:
-        Path(args.write).write_text(page, encoding="utf-8")
-        print(f"wrote {args.write}")
-    else:
-        print(page, end="")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="normcourse", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    student = commands.add_parser("student", help="write exercises/NN.ipynb from exercises/source/")
+    student = subcommands.add_parser("student", help="write exercises/NN.ipynb from exercises/source/")
     student.add_argument("--root", default=".", help="repository root (default: .)")
     student.add_argument("--check", action="store_true",
                          help="write nothing; exit 1 if a student notebook is out of date")
-    student.set_defaults(run=_student)
+    student.set_defaults(run=commands.student)
 
-    grade = commands.add_parser("grade", help="run and grade submitted exercise notebooks")
+    grade = subcommands.add_parser("grade", help="run and grade submitted exercise notebooks")
     grade.add_argument("notebooks", nargs="+", help="the .ipynb files to grade")
-    grade.add_argument("--json", action="store_true", help="print the reports as JSON")
+    grade.add_argument("--json", dest="as_json", action="store_true",
+                       help="print the reports as JSON")
     grade.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
-    grade.set_defaults(run=_grade)
+    grade.set_defaults(run=commands.grade)
 
-    bundle = commands.add_parser("bundle", help="copy chapters and their exercises for a class")
+    bundle = subcommands.add_parser("bundle", help="copy chapters and their exercises for a class")
     bundle.add_argument("--chapters", nargs="+", required=True, help="chapter numbers, e.g. 2 3")
     bundle.add_argument("--out", required=True, help="output folder (or zip with --zip)")
-    bundle.add_argument("--zip", action="store_true", help="write a zip archive")
+    bundle.add_argument("--zip", dest="as_zip", action="store_true", help="write a zip archive")
     bundle.add_argument("--root", default=".", help="repository root (default: .)")
-    bundle.set_defaults(run=_bundle)
+    bundle.set_defaults(run=commands.bundle)
 
-    instructors = commands.add_parser("instructors", help="print or write the instructor page")
+    instructors = subcommands.add_parser("instructors", help="print or write the instructor page")
     instructors.add_argument("--write", metavar="PATH", help="write the page to PATH")
-    instructors.set_defaults(run=_instructors)
+    instructors.set_defaults(run=commands.instructors)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    options = vars(_parser().parse_args(argv))
+    command, run = options.pop("command"), options.pop("run")
     try:
-        return args.run(args)
-    except (FileNotFoundError, KeyError) as error:
-        print(f"normcourse {args.command}: {error}", file=sys.stderr)
+        return run(**options)
+    except (FileNotFoundError, ValueError) as error:  # missing files, unknown chapters
+        print(f"normcourse {command}: {error}", file=sys.stderr)
         return 2
 
 

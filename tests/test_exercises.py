@@ -7,6 +7,7 @@ student versions must run top to bottom and report every task as not implemented
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import zipfile
@@ -19,13 +20,13 @@ import torch
 from torch import nn
 
 from normcourse.__main__ import main
-from normcourse.exercises import RESULTS, TASKS, check, evaluate
+from normcourse.exercises import RESULTS, TASKS, check, check_answer
 from normcourse.exercises import notebooks
-from normcourse.exercises.bundle import bundle, instructors_page
-from normcourse.exercises.catalog import CHAPTERS, chapter
-from normcourse.exercises.checks import tasks_for_chapter
+from normcourse.exercises.bundle import bundle
+from normcourse.exercises.catalog import CHAPTERS, chapter, is_chapter, tasks_for_chapter
 from normcourse.exercises.diagnosis import ATOL, RTOL, OutputTask
 from normcourse.exercises.grading import grade_notebook
+from normcourse.exercises.instructors import instructors_page
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,79 @@ def test_student_notebooks_hold_no_solution_and_no_outputs():
 
 
 # ---------------------------------------------------------------------------------------------
+# The catalogue: one entry and one tasks module per chapter, read by everything else
+# ---------------------------------------------------------------------------------------------
+TASKS_DIR = ROOT / "normcourse" / "exercises" / "tasks"
+
+
+def test_each_chapter_has_one_tasks_module_named_after_it_and_nothing_else_registers_tasks():
+    assert sorted(p.name for p in TASKS_DIR.glob("ch*.py")) == [f"ch{s}.py" for s in SLUGS]
+    assert list(TASKS) == [t.id for c in CHAPTERS for t in c.tasks]  # chapter, notebook order
+    for c in CHAPTERS:
+        assert c.tasks and all(t.id.startswith(f"{c.number:02d}.") for t in c.tasks)
+        assert tasks_for_chapter(c.slug) == tasks_for_chapter(c.number) == c.tasks
+
+
+def test_prerequisite_chapters_are_earlier_chapters_of_the_catalogue():
+    for c in CHAPTERS:
+        for p in c.prerequisites:
+            assert is_chapter(p) == p[:1].isdigit(), p  # a slug-like name that is no chapter
+            assert not is_chapter(p) or chapter(p).number < c.number
+
+
+def test_written_questions_of_the_catalogue_are_those_of_the_notebooks():
+    for c in CHAPTERS:
+        assert len(c.question_ids) == len(c.questions) >= 1
+        for path in (SOURCES / f"{c.slug}.ipynb", ROOT / "exercises" / f"{c.slug}.ipynb"):
+            cells = nbformat.read(path, as_version=4).cells
+            tagged = [cell.metadata.get("normcourse", {}).get("question") for cell in cells]
+            assert tuple(q for q in tagged if q) == c.question_ids, path
+
+
+def test_exercises_import_no_chapter_experiment_code():
+    """Exercises and the chapters' experiment modules are siblings: exercises never import them."""
+    for path in (ROOT / "normcourse" / "exercises").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("normcourse.experiments") for n in names), path
+
+
+def test_chapter_lookup_takes_numbers_keys_slugs_and_task_ids_and_names_the_chapters():
+    assert {chapter(k).slug for k in (2, "2", "02", "02_batch_norm", "02.batchnorm_forward")} == {
+        "02_batch_norm"}
+    for key in (9, "nope"):
+        with pytest.raises(ValueError, match=f"unknown chapter {key!r}; choose one of 1, 2"):
+            chapter(key)
+
+
+def test_grader_names_a_notebook_of_no_chapter(tmp_path):
+    path = tmp_path / "notes.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), path)
+    report = grade_notebook(path)
+    assert "cannot tell which chapter" in report.problem and "unknown chapter 'notes'" in report.problem
+    assert report.tasks == [] and report.points == report.max_points == 0
+
+
+def test_grader_reports_every_catalogued_question_even_a_deleted_one(tmp_path):
+    """A notebook holding one answered question and no code: every task fails, 02.q2 is missing."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "Because...", metadata={"normcourse": {"question": "02.q1"}})])
+    notebook.metadata["normcourse"] = {"chapter": "02_batch_norm"}
+    nbformat.write(notebook, tmp_path / "submission.ipynb")
+    report = grade_notebook(tmp_path / "submission.ipynb")
+    assert report.problem is None and report.chapter == "02_batch_norm"
+    assert [(w["question"], w["answered"]) for w in report.written] == [("02.q1", True),
+                                                                          ("02.q2", False)]
+    assert [t["task"] for t in report.tasks] == [t.id for t in chapter(2).tasks]
+    assert report.points == 0 and all("no function" in t["message"] for t in report.tasks)
+
+
+# ---------------------------------------------------------------------------------------------
 # The catalogue of known mistakes: each one gets its own message
 # ---------------------------------------------------------------------------------------------
 MISTAKES = [(task.id, m) for task in TASKS.values() if isinstance(task, OutputTask)
@@ -104,7 +178,7 @@ MISTAKES = [(task.id, m) for task in TASKS.values() if isinstance(task, OutputTa
 
 @pytest.mark.parametrize("task_id, mistake", MISTAKES, ids=[f"{t}-{m.name}" for t, m in MISTAKES])
 def test_each_known_mistake_is_diagnosed_by_name(task_id, mistake):
-    result = evaluate(task_id, mistake.answer)
+    result = check_answer(task_id, mistake.answer)
     assert result.status == "fail" and result.points == 0
     assert result.mistakes == [mistake.name]
     assert result.message.startswith(mistake.message)
@@ -132,12 +206,12 @@ def test_each_known_mistake_is_far_outside_the_tolerance(task_id, mistake):
 def test_the_correct_answer_passes_and_a_stub_is_not_implemented(task_id):
     task = TASKS[task_id]
     if isinstance(task, OutputTask):
-        assert evaluate(task_id, task.correct).status == "pass"
+        assert check_answer(task_id, task.correct).status == "pass"
 
     def stub(*args):
         raise NotImplementedError("Write your solution here")
 
-    result = evaluate(task_id, stub)
+    result = check_answer(task_id, stub)
     assert (result.status, result.points) == ("not_implemented", 0)
 
 
@@ -252,13 +326,13 @@ STUDENT_MISTAKES = [
 @pytest.mark.parametrize("task_id, answer, name", STUDENT_MISTAKES,
                          ids=[f"{t}-{n}" for t, _, n in STUDENT_MISTAKES])
 def test_student_written_mistakes_are_named(task_id, answer, name):
-    result = evaluate(task_id, answer)
+    result = check_answer(task_id, answer)
     assert result.status == "fail"
     assert result.mistakes == [name], result.message
 
 
 def test_a_gradient_check_that_does_not_restore_x_is_told_so():
-    result = evaluate("02.numerical_gradient", gradient_not_restored)
+    result = check_answer("02.numerical_gradient", gradient_not_restored)
     assert result.status == "fail" and "restore" in result.message
 
 
@@ -284,35 +358,35 @@ ODD_ANSWERS = [
 
 @pytest.mark.parametrize("answer, phrase", ODD_ANSWERS, ids=[p for _, p in ODD_ANSWERS])
 def test_odd_answers_become_messages(answer, phrase):
-    result = evaluate("02.batchnorm_forward", answer)
+    result = check_answer("02.batchnorm_forward", answer)
     assert result.status == "fail" and result.points == 0
     assert phrase in result.message
 
 
 def test_wrong_tuples_and_tensors():
-    assert "expected 3" in evaluate("02.batchnorm_backward", lambda *a: (1, 2)).message
-    assert "tuple" in evaluate("02.batchnorm_backward", lambda *a: np.zeros(3)).message
+    assert "expected 3" in check_answer("02.batchnorm_backward", lambda *a: (1, 2)).message
+    assert "tuple" in check_answer("02.batchnorm_backward", lambda *a: np.zeros(3)).message
     # Correct values as torch tensors (float32 even) pass: only the numbers matter.
     task = TASKS["02.batchnorm_forward"]
     as_tensor = lambda *a: torch.tensor(task.correct(*a), dtype=torch.float32)  # noqa: E731
-    assert evaluate("02.batchnorm_forward", as_tensor).status == "pass"
+    assert check_answer("02.batchnorm_forward", as_tensor).status == "pass"
     # Modifying an input in place is named.
     def in_place(x, gamma, beta, eps=1e-5):
         x -= x.mean(0)
         return gamma * x / np.sqrt(x.var(0) + eps) + beta
-    assert "changed its input `x` in place" in evaluate("02.batchnorm_forward", in_place).message
+    assert "changed its input `x` in place" in check_answer("02.batchnorm_forward", in_place).message
 
 
 def test_module_tasks_survive_odd_answers():
     for answer in (lambda i, o: None, lambda i, o: nn.Linear(i, o), lambda i, o: 1 / 0):
-        assert evaluate("03.linear_bn_sigmoid", answer).status == "fail"
+        assert check_answer("03.linear_bn_sigmoid", answer).status == "fail"
     returns_tensor = lambda model, x, y, opt: torch.tensor(1.0)  # noqa: E731
-    assert "tensor" in evaluate("03.train_step", returns_tensor).message
+    assert "tensor" in check_answer("03.train_step", returns_tensor).message
 
 
 def test_unknown_task_raises_a_clear_error():
-    with pytest.raises(KeyError, match="unknown exercise task"):
-        evaluate("02.nope", lambda: None)
+    with pytest.raises(ValueError, match="unknown exercise task '02.nope'; choose one of"):
+        check_answer("02.nope", lambda: None)
 
 
 def test_check_prints_records_and_keeps_the_random_stream(capsys):
@@ -324,8 +398,8 @@ def test_check_prints_records_and_keeps_the_random_stream(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("[PASS] 03.train_step") and "2/2 points" in line
     assert RESULTS["03.train_step"].status == "pass"
-    first = evaluate("02.batchnorm_forward", bn_unbiased).message
-    assert evaluate("02.batchnorm_forward", bn_unbiased).message == first  # deterministic
+    first = check_answer("02.batchnorm_forward", bn_unbiased).message
+    assert check_answer("02.batchnorm_forward", bn_unbiased).message == first  # deterministic
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,17 @@ In a notebook::
     check("02.batchnorm_forward", batchnorm_forward)
 
 From the shell (``python -m normcourse --help``): ``student`` writes the student notebooks from
-``exercises/source/``, ``grade`` grades a submitted notebook, ``bundle`` packs chapters for a class.
+``exercises/source/``, ``grade`` grades a submitted notebook, ``bundle`` packs chapters for a class,
+``instructors`` writes the instructor page.
 
-Modules: ``diagnosis`` (the checking machinery), ``tasks`` (each chapter's tasks and known
-mistakes), ``checks`` (``check``), ``notebooks`` (student versions), ``grading``, ``catalog``
-(chapters, objectives, times), ``bundle``.
+Modules, one job each (arrows point down): ``commands`` (what each shell command does) ->
+``grading``, ``bundle``, ``instructors`` (the instructor page), ``notebooks`` (student versions)
+-> ``checks`` (``check``, ``check_answer``) -> ``catalog`` (chapters, tasks, points, written
+questions, prerequisites) -> ``tasks.chNN_topic`` (each chapter's tasks and known mistakes) ->
+``diagnosis`` (the checking machinery).
 """
 
-from normcourse.exercises.checks import RESULTS, TASKS, check, evaluate
+from normcourse.exercises.catalog import TASKS
+from normcourse.exercises.checks import RESULTS, check, check_answer
 
-__all__ = ["check", "evaluate", "TASKS", "RESULTS"]
+__all__ = ["check", "check_answer", "TASKS", "RESULTS"]

@@ -1,8 +1,7 @@
-"""Instructor tools: a class bundle of chosen chapters, and the book's instructor page.
+"""A class bundle: the chosen chapters and their student notebooks, with a README.
 
 ``bundle(...)`` copies the chosen chapters' MyST sources and student notebooks into a folder (or a
-zip) with a README listing objectives, times and prerequisites. ``instructors_page()`` renders
-``book/instructors.md`` from the same catalogue (a test keeps the committed page in sync).
+zip) with a README listing, from the catalogue, the objectives, times, tasks and prerequisites.
 """
 
 from __future__ import annotations
@@ -11,14 +10,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from normcourse.exercises.catalog import CHAPTERS, Chapter, chapter
-from normcourse.exercises.checks import tasks_for_chapter
+from normcourse.exercises.catalog import Chapter, chapter, is_chapter
 
-__all__ = ["bundle", "bundle_readme", "instructors_page"]
+__all__ = ["bundle", "bundle_readme"]
 
 
 def _prerequisite_text(item: str) -> str:
-    return f"chapter {int(item[:2])} ({chapter(item).title})" if item[:2].isdigit() else item
+    return f"chapter {chapter(item).number} ({chapter(item).title})" if is_chapter(item) else item
 
 
 def bundle_readme(chapters: list[Chapter]) -> str:
@@ -37,13 +35,13 @@ def bundle_readme(chapters: list[Chapter]) -> str:
         "",
     ]
     for c in chapters:
-        tasks = tasks_for_chapter(c.slug)
-        points = sum(t.points for t in tasks)
+        points = sum(t.points for t in c.tasks)
         lines += [
             f"## {c.number}. {c.title}",
             "",
             f"- Chapter: `chapters/{c.slug}.md`; exercises: `exercises/{c.slug}.ipynb` "
-            f"({len(tasks)} auto-checked tasks, {points} points, plus written questions)",
+            f"({len(c.tasks)} auto-checked tasks, {points} points, plus "
+            f"{len(c.questions)} written questions)",
             f"- Time: about {c.reading_minutes} min reading, {c.exercise_minutes} min exercises",
             "- Prerequisites: " + "; ".join(_prerequisite_text(p) for p in c.prerequisites),
             "",
@@ -52,7 +50,7 @@ def bundle_readme(chapters: list[Chapter]) -> str:
             *[f"- {objective}" for objective in c.objectives],
             "",
         ]
-    missing = sorted({p for c in chapters for p in c.prerequisites if p[:2].isdigit()} - chosen)
+    missing = sorted({p for c in chapters for p in c.prerequisites if is_chapter(p)} - chosen)
     if missing:
         lines += ["## Prerequisite chapters not in this bundle", "",
                   *[f"- {_prerequisite_text(p)}" for p in missing], ""]
@@ -91,83 +89,3 @@ def bundle(chapter_keys, out: str | Path, root: str | Path = ".", as_zip: bool =
     with tempfile.TemporaryDirectory() as tmp:
         write(Path(tmp))
         return Path(shutil.make_archive(str(base), "zip", tmp))
-
-
-def instructors_page() -> str:
-    """The MyST source of ``book/instructors.md``."""
-    total_tasks = sum(len(tasks_for_chapter(c.slug)) for c in CHAPTERS)
-    lines = [
-        "# For instructors",
-        "",
-        "This page is generated from `normcourse/exercises/catalog.py` by "
-        "`python -m normcourse instructors --write book/instructors.md`; edit the catalogue, not "
-        "this page.",
-        "",
-        "Every chapter has an exercise notebook with auto-checked coding tasks and written "
-        f"questions ({total_tasks} auto-checked tasks in all). Students open "
-        "`exercises/NN_name.ipynb` in JupyterLab; after each task a check cell runs the "
-        "student's function on small float64 test cases, compares it with the package's "
-        "reference implementation and with a catalogue of typical wrong implementations, and "
-        "names the mistake it recognises (biased against unbiased variance, `eps` outside the "
-        "root, the wrong axis, the Keras momentum sense, a forgotten `gamma`/`beta`, a wrong "
-        "shape, a forgotten eval mode, ...). Written questions are graded by hand.",
-        "",
-        "## Overview",
-        "",
-        "| Chapter | Reading | Exercises | Prerequisites | Exercise notebook |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for c in CHAPTERS:
-        prerequisites = "; ".join(
-            f"{{doc}}`{p}`" if p[:2].isdigit() else p for p in c.prerequisites)
-        lines.append(
-            f"| {{doc}}`{c.slug}` | {c.reading_minutes} min | {c.exercise_minutes} min | "
-            f"{prerequisites} | {{download}}`{c.slug}.ipynb <../exercises/{c.slug}.ipynb>` |"
-        )
-    lines += [
-        "",
-        "## Tools",
-        "",
-        "All commands run from the repository root (`normcourse` is also installed as a console "
-        "script):",
-        "",
-        "```bash",
-        "python -m normcourse student            # regenerate exercises/*.ipynb from exercises/source/",
-        "python -m normcourse grade exercises/02_batch_norm.ipynb          # per-task points",
-        "python -m normcourse grade --json submissions/*.ipynb > grades.json",
-        "python -m normcourse bundle --chapters 2 3 --out class-week-1     # or --zip",
-        "```",
-        "",
-        "- The sources with solutions are `exercises/source/NN_name.ipynb`; each solution sits "
-        "between `### BEGIN SOLUTION` and `### END SOLUTION`. The student versions replace it "
-        "with `raise NotImplementedError(...)` (code) or an answer prompt (written questions), "
-        "and the test suite checks that the committed student versions are up to date.",
-        "- The grader executes a copy of the notebook (one thread, a timeout per cell, errors "
-        "allowed), then checks every task's function by name itself, so edited or deleted check "
-        "cells do not change the grade. It reports per-task points, the diagnoses, which written "
-        "questions were answered, and the cells that raised.",
-        "- The bundle holds the chosen chapters' MyST sources, their student notebooks and a "
-        "README with the objectives, times and prerequisites below.",
-        "",
-    ]
-    for c in CHAPTERS:
-        lines += [
-            f"## {c.number}. {c.title}",
-            "",
-            f"Chapter {{doc}}`{c.slug}`; about {c.reading_minutes} min reading and "
-            f"{c.exercise_minutes} min of exercises.",
-            "",
-            "Learning objectives:",
-            "",
-            *[f"- {objective}" for objective in c.objectives],
-            "",
-            "Auto-checked tasks (function to write, points, mistakes the checker recognises):",
-            "",
-        ]
-        for task in tasks_for_chapter(c.slug):
-            mistakes = getattr(task, "mistakes", ())
-            recognised = ", ".join(m.name.replace("_", " ") for m in mistakes) or "structure rules"
-            lines.append(f"- `{task.function}` ({task.points} pt): {task.title}; recognises: "
-                         f"{recognised}")
-        lines.append("")
-    return "\n".join(lines)

@@ -4,7 +4,8 @@ The grader does not trust the notebook's own check cells (a student may have edi
 them). It executes the notebook with nbclient (kernel ``python3``, one thread, a timeout per cell,
 errors allowed so that one broken cell costs only its own tasks), then appends one cell that looks
 up each task's function by name in the kernel's namespace, checks it, and prints the results as
-JSON after the marker ``RESULT_MARKER``.
+JSON after the marker ``RESULT_MARKER``. The chapter's tasks, points and written questions come
+from the catalogue.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import nbformat
 
 import normcourse
-from normcourse.exercises.checks import RESULT_MIME, tasks_for_chapter
+from normcourse.exercises.catalog import Chapter, chapter as find_chapter, tasks_for_chapter
+from normcourse.exercises.checks import RESULT_MIME
 from normcourse.exercises.diagnosis import Result
 from normcourse.exercises.notebooks import ANSWER_PROMPT
 
@@ -98,15 +100,19 @@ def _chapter_of(notebook: nbformat.NotebookNode, path: Path) -> str:
     return notebook.metadata.get("normcourse", {}).get("chapter") or path.stem
 
 
-def _written_answers(notebook: nbformat.NotebookNode) -> list[dict]:
-    """Markdown answer cells, tagged with metadata ``normcourse.question`` in the notebooks."""
-    answers = []
+def _written_answers(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[dict]:
+    """The answer to each of the chapter's written questions (in the catalogue's order): the
+    markdown cell tagged with metadata ``normcourse.question``; a deleted cell is not answered."""
+    texts = {}
     for cell in notebook.cells:
         question = cell.metadata.get("normcourse", {}).get("question")
         if cell.cell_type == "markdown" and question:
-            text = cell.source.strip()
-            answered = bool(text) and ANSWER_PROMPT not in text
-            answers.append({"question": question, "answered": answered, "answer": text})
+            texts[question] = cell.source.strip()
+    answers = []
+    for question in chapter.question_ids:
+        text = texts.get(question, "")
+        answered = bool(text) and ANSWER_PROMPT not in text
+        answers.append({"question": question, "answered": answered, "answer": text})
     return answers
 
 
@@ -133,7 +139,12 @@ def grade_notebook(path: str | Path, timeout: int = 120) -> GradeReport:
     path = Path(path)
     notebook = nbformat.read(path, as_version=4)
     chapter = _chapter_of(notebook, path)
-    report = GradeReport(str(path), chapter, written=_written_answers(notebook))
+    report = GradeReport(str(path), chapter)
+    try:
+        report.written = _written_answers(notebook, find_chapter(chapter))
+    except ValueError as error:  # neither the metadata nor the file name names a chapter
+        report.problem = f"cannot tell which chapter this notebook belongs to: {error}"
+        return report
     notebook.cells.append(nbformat.v4.new_code_cell(
         "from normcourse.exercises.grading import report_namespace as _normcourse_report\n"
         f"_normcourse_report({chapter!r}, globals())"

@@ -1,6 +1,10 @@
 """The tasks of each chapter's exercise notebook, one module per chapter.
 
-Each module defines ``TASKS``: a tuple of ``diagnosis.Task`` objects whose ids start with the
-chapter number (``"02.batchnorm_forward"``). The correct answers are built from
-``normcourse.reference`` / ``normcourse.functional``; the known mistakes are small wrong variants.
+A chapter's module is named after its slug, ``ch<slug>.py`` (``ch02_batch_norm.py`` for
+``02_batch_norm``), and defines ``TASKS``: a tuple of ``diagnosis.Task`` objects, in notebook
+order, whose ids start with the two-digit chapter number (``"02.batchnorm_forward"``). The
+catalogue finds the module from the slug (``catalog.Chapter.tasks``); nothing else lists it.
+The correct answers are built from ``normcourse.reference`` / ``normcourse.functional`` (never
+from a chapter's experiment module); the known mistakes are small wrong variants, built from the
+helpers in ``_variants`` on the seeded inputs of ``_inputs``.
 """

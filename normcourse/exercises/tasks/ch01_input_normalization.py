@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from normcourse import reference
-from normcourse.experiments import input_normalization
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import features
 from normcourse.gradcheck import random_upstream
@@ -172,22 +171,30 @@ def _lr_case(description, seed):
 
 
 def _lr_from_hessian(h, eigenvalue=-1, factor=2.0):
+    """factor / an eigenvalue of the Hessian; the defaults give the answer, 2 / lambda_max."""
     return factor / np.linalg.eigvalsh(h)[eigenvalue]
+
+
+# Computed here rather than imported from the chapter's experiment module: exercises depend on
+# no chapter's code.
+def _hessian(x):
+    """The Hessian of (1/2N)||Xw - y||^2 with respect to w: X^T X / N."""
+    return x.T @ x / len(x)
 
 
 LARGEST_STABLE_LR = OutputTask(
     id="01.largest_stable_lr",
     title="the largest stable learning rate of least squares",
     function="largest_stable_lr",
-    correct=lambda x: input_normalization.max_stable_lr(input_normalization.hessian(x)),
+    correct=lambda x: _lr_from_hessian(_hessian(x)),
     outputs=("lr",),
     cases=(_lr_case("x of shape (20, 3), features with non-zero means", 4),),
     mistakes=(
         Mistake("no_factor_two", "Gradient descent on a quadratic converges for every step "
                 "below 2 / lambda_max, not 1 / lambda_max (that is the fastest step for the top "
-                "direction).", lambda x: _lr_from_hessian(x.T @ x / len(x), factor=1.0)),
+                "direction).", lambda x: _lr_from_hessian(_hessian(x), factor=1.0)),
         Mistake("smallest_eigenvalue", "The step is limited by the *largest* eigenvalue of the "
-                "Hessian: 2 / lambda_max.", lambda x: _lr_from_hessian(x.T @ x / len(x), 0)),
+                "Hessian: 2 / lambda_max.", lambda x: _lr_from_hessian(_hessian(x), 0)),
         Mistake("centered_covariance", "The Hessian of (1/2N)||Xw - y||^2 is X^T X / N, with the "
                 "raw (uncentered) features: the features' means enlarge lambda_max.",
                 lambda x: _lr_from_hessian(np.cov(x.T, bias=True))),
