@@ -102,3 +102,12 @@ def test_rms_norm_is_as_accurate_as_layer_norm(source):
     layer = np.mean([acc["layer", s] for s in SEEDS])
     assert abs(rms - layer) < 0.02
     assert min(acc.values()) > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES)
+def test_weight_standardization_alone_does_not_train(source):
+    """WS without an activation normalization stays near chance (10 classes) on every run."""
+    _data(source)
+    ws = _sweep(source, "WS")
+    assert max(ws.values()) < 0.2
