@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from normcourse.validation import check_choice
+
 __all__ = [
     "MIRRORS",
     "MNIST",
@@ -374,8 +376,7 @@ def load_mnist(
     source="auto": full MNIST if the cache holds it (or ``download=True`` fetches it), else the
     embedded subset; a failed download or a corrupt cache gives a warning and the subset.
     """
-    if source not in ("auto", "full", "embedded"):
-        raise ValueError(f"source must be 'auto', 'full' or 'embedded', got {source!r}")
+    check_choice(source, ("auto", "full", "embedded"), "MNIST source")
     if source == "embedded":
         return _load_embedded()
     directory = default_cache_dir(cache_dir)

@@ -3,10 +3,11 @@
 Each layer comes twice:
 
 - an ``autograd.Function`` (``BatchNormFunction``, ``LayerNormFunction``, ``BatchRenormFunction``)
-  whose ``backward`` is the closed-form gradient derived in the book. It saves one tensor of the
-  input's size (the input itself for batch norm and renorm, xhat for layer norm) and a few
-  numbers per channel (or per row), not every intermediate of the forward pass, so it needs
-  less memory than letting autograd record the graph;
+  whose ``backward`` is the closed-form gradient derived in the book. It saves the input and a
+  few numbers per channel (or per row), not every intermediate of the forward pass, so it needs
+  less memory than letting autograd record the graph. The backward is itself written in
+  differentiable tensor operations, so the layers can be differentiated twice (gradient
+  penalties, Hessian-vector products), as torch's can;
 - a plain composition of tensor operations (``batch_norm_autograd``, ...) that autograd
   differentiates for us, used to check the Functions and in the benchmarks.
 
@@ -33,15 +34,16 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from normcourse.validation import (
-    check_batch_statistics,
+    check_channel_input,
     check_channels,
     check_floating,
     check_groups,
-    check_normalized_shape,
+    check_layer_norm_input,
     check_rank,
+    check_running_pair,
+    check_same_dtype,
 )
 
 __all__ = [
@@ -56,10 +58,7 @@ __all__ = [
     "batch_renorm_autograd",
     "renorm_limits",
     "renorm_correction",
-    "batch_moments",
     "update_batch_norm_running_stats",
-    "check_channel_input",
-    "check_layer_norm_input",
     "GroupNormFunction",
     "RMSNormFunction",
     "WeightStandardizationFunction",
@@ -74,9 +73,6 @@ __all__ = [
     "check_group_norm_input",
     "check_instance_norm_input",
 ]
-
-CHANNEL_NDIMS = (2, 3, 4)
-CHANNEL_LAYOUTS = "(N, C), (N, C, L) or (N, C, H, W)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,23 +138,21 @@ def _centered_moments(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor
     are accumulated in float32.
     """
     x = _cast(x, _stats_dtype(x))
+    n = math.prod([x.shape[d] for d in dims])
+    if n == 0:
+        # nothing to average (an empty batch): mean 0 and variance 1 keep every product that
+        # follows finite (the gradients of gamma and beta are then 0, as torch's)
+        mean = x.new_zeros([1 if d in dims else size for d, size in enumerate(x.shape)])
+        return x - mean, mean, torch.ones_like(mean)
     mean = x.mean(dims, keepdim=True)
     centered = x - mean
     if dims == tuple(range(x.ndim - len(dims), x.ndim)):
         # the trailing axes (layer norm): each row lies contiguous in memory, and a vector norm
         # sums its squares in one read without storing them (over other axes it is slow)
-        n = centered.numel() // mean.numel()
         var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square() / n
     else:
         var = (centered * centered).mean(dims, keepdim=True)
     return centered, mean, var
-
-
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of x: (N, C, *) -> (C,), (C,), computed in two passes
-    (see ``_centered_moments``); half-precision inputs are accumulated in float32."""
-    _, mean, var = _centered_moments(x, _reduce_dims(x))
-    return mean.flatten(), var.flatten()
 
 
 def _update_running_average(running: torch.Tensor, batch_value: torch.Tensor, momentum: float) -> None:
@@ -249,7 +243,7 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
     """Returns (out, mean, invstd); mean and invstd (1, C, 1, ...) in the statistics dtype."""
     if training:
         centered, mean, var = _centered_moments(x, _reduce_dims(x))
-        if running_mean is not None:
+        if running_mean is not None and x.numel() > 0:  # an empty batch leaves them alone
             update_batch_norm_running_stats(
                 running_mean, running_var, mean, var, momentum, _values_per_channel(x)
             )
@@ -279,8 +273,9 @@ def _batch_renorm_forward(x, running_mean, running_std, weight, bias, training, 
         before = _cast(torch.stack((running_mean, running_std)), mean.dtype)
         view = lambda v: _per_channel(v, x)  # noqa: E731
         r, d = renorm_correction(mean, sigma, view(before[0]), view(before[1]), rmax, dmax)
-        _update_running_average(running_mean, mean, momentum)
-        _update_running_average(running_std, sigma, momentum)
+        if x.numel() > 0:  # an empty batch leaves the running averages alone
+            _update_running_average(running_mean, mean, momentum)
+            _update_running_average(running_std, sigma, momentum)
         invstd = sigma.reciprocal()
         out = _multiply_add(centered, *_channel_scale_shift(x, invstd, weight, bias, r, d))
     else:
@@ -297,19 +292,34 @@ def _normalized_dims(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
 
 
 def _layer_norm_forward(x, normalized_shape, weight, bias, eps):
-    """Returns (out, xhat, rstd); rstd has x's shape with the normalized axes kept as 1."""
-    centered, _, var = _centered_moments(x, _normalized_dims(x, normalized_shape))
+    """Returns (out, mean, rstd); mean, rstd: x's shape with the normalized axes kept as 1."""
+    centered, mean, var = _centered_moments(x, _normalized_dims(x, normalized_shape))
     rstd = torch.rsqrt(var + eps)
     xhat = centered * rstd
     # rstd varies across rows and gamma, beta (shape normalized_shape) along them: they cannot be
-    # combined into one factor as in batch norm, so xhat is formed (and the Function keeps it)
+    # combined into one factor as in batch norm, so xhat is formed
     out = _multiply_add(xhat, _cast(weight, xhat.dtype), _cast(bias, xhat.dtype))
-    return _cast(out, x.dtype), xhat, rstd
+    return _cast(out, x.dtype), mean, rstd
 
 
 # --------------------------------------------------------------------------------------------
 # Closed-form backward passes
+#
+# Each is written in differentiable tensor operations, so that autograd can record it when the
+# caller asks for a graph of the gradient (create_graph=True: gradient penalties, Hessian-vector
+# products). Grad mode is on inside a backward pass exactly then; the fast path works in place
+# on its own temporaries, the recorded path cannot (autograd needs the values it saved).
 # --------------------------------------------------------------------------------------------
+def _statistics_for_backward(x, mean, invstd, eps, dims):
+    """The saved (mean, 1/sqrt(var + eps)), or, in a recorded backward pass, the same numbers
+    recomputed from x: the saved ones were computed outside autograd, and a second derivative
+    needs how they depend on x."""
+    if not torch.is_grad_enabled():
+        return mean, invstd
+    _, mean, var = _centered_moments(x, dims)
+    return mean, torch.rsqrt(var + eps)
+
+
 def _per_channel_backward(needs, dy, x, weight, mean, invstd, batch_stats, r=None, d=None):
     """Gradients of y = gamma * (xhat * r + d) + beta, xhat = (x - mean) * invstd, per channel.
 
@@ -330,17 +340,20 @@ def _per_channel_backward(needs, dy, x, weight, mean, invstd, batch_stats, r=Non
         # invstd * sum(dy * (x - mean)), the multiplication by invstd done on C numbers only.
         # (sum(dy * x) - mean * sum(dy) would save a pass but cancels when the mean is large.)
         centered = _cast(x, mean.dtype) - mean
-        sum_dy_xhat = (dy * centered).sum(dims, keepdim=True).mul_(invstd)
+        sum_dy_xhat = (dy * centered).sum(dims, keepdim=True) * invstd
 
     dx = dweight = dbias = None
     if need_dx:
         k, _ = _channel_scale_shift(x, invstd, weight, None, r)
         if batch_stats:
             # Expanded: dx = (x - mean) * (-k/n * invstd * sum(dy * xhat)) + k * dy - k/n * sum(dy),
-            # per-channel numbers times one tensor each: built in place in the centered x's memory
-            minus_k_n = k * (-1.0 / _values_per_channel(x))
-            dx = centered.mul_(minus_k_n * invstd * sum_dy_xhat)
-            dx.addcmul_(dy, k).add_(minus_k_n * sum_dy)
+            # per-channel numbers times one tensor each (max: an empty batch has n = 0)
+            minus_k_n = k * (-1.0 / max(1, _values_per_channel(x)))
+            x_factor, shift = minus_k_n * invstd * sum_dy_xhat, minus_k_n * sum_dy
+            if torch.is_grad_enabled():  # recorded for a second derivative: no in-place
+                dx = centered * x_factor + torch.addcmul(shift, dy, k)
+            else:  # built in place in the centered x's memory
+                dx = centered.mul_(x_factor).addcmul_(dy, k).add_(shift)
         else:
             dx = dy * k
     if need_dweight:
@@ -365,14 +378,15 @@ class BatchNormFunction(torch.autograd.Function):
             x, running_mean, running_var, weight, bias, training, momentum, eps
         )
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.training = training
+        ctx.training, ctx.eps = training, eps
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
+        if ctx.training:
+            mean, invstd = _statistics_for_backward(x, mean, invstd, ctx.eps, _reduce_dims(x))
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         dx, dweight, dbias = _per_channel_backward(needs, dy, x, weight, mean, invstd, ctx.training)
         # no gradient for the running statistics, training, momentum, eps
@@ -393,14 +407,15 @@ class BatchRenormFunction(torch.autograd.Function):
             x, running_mean, running_std, weight, bias, training, rmax, dmax, momentum, eps
         )
         ctx.save_for_backward(x, weight, mean, invstd, r, d)
-        ctx.training = training
+        ctx.training, ctx.eps = training, eps
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd, r, d = ctx.saved_tensors
+        if ctx.training:  # invstd = 1 / sigma_B = 1 / sqrt(var + eps)
+            mean, invstd = _statistics_for_backward(x, mean, invstd, ctx.eps, _reduce_dims(x))
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         dx, dweight, dbias = _per_channel_backward(
             needs, dy, x, weight, mean, invstd, ctx.training, r, d
@@ -412,26 +427,28 @@ class LayerNormFunction(torch.autograd.Function):
     """Layer norm with the closed-form backward. x: (*, *normalized_shape); weight, bias:
     normalized_shape.
 
-    Saves xhat (one tensor of x's size, which computing the output formed anyway), gamma and
-    rstd. Per row, with g = dy * gamma and the means over the row's H values:
+    Saves x (as torch does), gamma, and mean and rstd per row; backward recomputes xhat from
+    them. Per row, with g = dy * gamma and the means over the row's H values:
         dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
     """
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
-        out, xhat, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(xhat, weight, rstd)
-        ctx.normalized_shape = tuple(normalized_shape)
+        out, mean, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.normalized_shape, ctx.eps = tuple(normalized_shape), eps
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        xhat, weight, rstd = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         k = len(ctx.normalized_shape)
-        dims = tuple(range(xhat.ndim - k, xhat.ndim))
-        rows = tuple(range(xhat.ndim - k))
+        dims = _normalized_dims(x, ctx.normalized_shape)
+        rows = tuple(range(x.ndim - k))
+        mean, rstd = _statistics_for_backward(x, mean, rstd, ctx.eps, dims)
+        xhat = _cast(x, mean.dtype) - mean
+        xhat = xhat * rstd if torch.is_grad_enabled() else xhat.mul_(rstd)
         dy = _cast(dy, xhat.dtype)
         dy_xhat = dy * xhat  # needed by dgamma and by dx
 
@@ -440,7 +457,7 @@ class LayerNormFunction(torch.autograd.Function):
 
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            h = math.prod(ctx.normalized_shape)
+            h = max(1, math.prod(ctx.normalized_shape))  # max: rows of no values
             if weight is None:
                 sum_g, sum_g_xhat = dy.sum(dims, keepdim=True), dy_xhat.sum(dims, keepdim=True)
                 g_centered = dy - sum_g / h
@@ -451,8 +468,11 @@ class LayerNormFunction(torch.autograd.Function):
                 sum_g = (dy.flatten(-k) @ gamma.flatten()).view(rstd.shape)
                 sum_g_xhat = (dy_xhat.flatten(-k) @ gamma.flatten()).view(rstd.shape)
                 g_centered = torch.addcmul(sum_g / -h, dy, gamma)  # g - mean(g), one pass
-            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), finished in place
-            dx = g_centered.addcmul_(xhat, sum_g_xhat, value=-1.0 / h).mul_(rstd)
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+            if torch.is_grad_enabled():  # recorded for a second derivative: no in-place
+                dx = torch.addcmul(g_centered, xhat, sum_g_xhat, value=-1.0 / h) * rstd
+            else:  # finished in place
+                dx = g_centered.addcmul_(xhat, sum_g_xhat, value=-1.0 / h).mul_(rstd)
             dx = _cast(dx, ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
             dweight = _cast(sum_over_rows(dy_xhat), weight.dtype)
@@ -464,47 +484,28 @@ class LayerNormFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Input checks (through normcourse.validation) and the public wrappers
 # --------------------------------------------------------------------------------------------
-def check_channel_input(x, channel_counts, training, layer, ndims=CHANNEL_NDIMS, layouts=CHANNEL_LAYOUTS):
-    """Validate a batch norm / renorm input x: (N, C, *).
-
-    ``channel_counts``: the C each per-channel tensor (or the module) expects. Raises TypeError for
-    a non-floating input, ValueError for a wrong rank, a channel count that differs, or one value
-    per channel in training mode.
-    """
-    check_floating(x, layer)
-    check_rank(x, ndims, layer, layouts)
-    for count in channel_counts:
-        check_channels(x, count, layer)
-    if training:
-        check_batch_statistics(x, layer)
-
-
 def _channel_counts(*per_channel) -> list[int]:
     return [t.numel() for t in per_channel if t is not None]
 
 
-def _check_running_pair(first, second, names, layer, required_because):
-    """Both running statistics or neither; ``required_because`` (a phrase) when they must be given."""
-    if (first is None) != (second is None):
-        raise ValueError(f"{layer} needs both {names[0]} and {names[1]}, or neither")
-    if required_because and first is None:
-        raise ValueError(f"{layer} needs {names[0]} and {names[1]} {required_because}")
-
-
 def _check_batch_norm_args(x, running_mean, running_var, weight, bias, training):
-    _check_running_pair(
+    check_running_pair(
         running_mean, running_var, ("running_mean", "running_var"), "batch_norm",
         None if training else "in eval mode (training=False)",
     )
     check_channel_input(x, _channel_counts(running_mean, running_var, weight, bias), training, "batch_norm")
+    check_same_dtype(x, "batch_norm", weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var)
 
 
 def _check_batch_renorm_args(x, running_mean, running_std, weight, bias, training):
-    _check_running_pair(
+    check_running_pair(
         running_mean, running_std, ("running_mean", "running_std"), "batch_renorm",
         "(r and d are computed from them)",
     )
     check_channel_input(x, _channel_counts(running_mean, running_std, weight, bias), training, "batch_renorm")
+    check_same_dtype(x, "batch_renorm", weight=weight, bias=bias, running_mean=running_mean,
+                     running_std=running_std)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -547,16 +548,6 @@ def batch_renorm_autograd(x, running_mean, running_std, weight=None, bias=None, 
     )[0]
 
 
-def check_layer_norm_input(x, normalized_shape, layer="layer_norm") -> tuple[int, ...]:
-    """Validate and return normalized_shape as a tuple (an int means one trailing axis)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(int(n) for n in normalized_shape)
-    check_floating(x, layer)
-    check_normalized_shape(x, normalized_shape, layer)
-    return normalized_shape
-
-
 def layer_norm(x, normalized_shape: int | Sequence[int], weight=None, bias=None, eps=1e-5):
     """Layer norm like ``torch.nn.functional.layer_norm``, through ``LayerNormFunction``.
 
@@ -564,12 +555,14 @@ def layer_norm(x, normalized_shape: int | Sequence[int], weight=None, bias=None,
     trailing axes, biased variance; the same computation in training and evaluation.
     """
     normalized_shape = check_layer_norm_input(x, normalized_shape)
+    check_same_dtype(x, "layer_norm", weight=weight, bias=bias)
     return LayerNormFunction.apply(x, normalized_shape, weight, bias, eps)
 
 
 def layer_norm_autograd(x, normalized_shape: int | Sequence[int], weight=None, bias=None, eps=1e-5):
     """Same as ``layer_norm``, but autograd differentiates the forward composition."""
     normalized_shape = check_layer_norm_input(x, normalized_shape)
+    check_same_dtype(x, "layer_norm", weight=weight, bias=bias)
     return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]
 
 
@@ -757,7 +750,7 @@ def check_instance_norm_input(x, running_mean, running_var, weight, bias, use_in
                               layer="instance_norm") -> None:
     """x: (N, C, *) floating with per-channel tensors of size C and, when normalizing with its
     own statistics, more than one spatial value per instance (as torch)."""
-    _check_running_pair(
+    check_running_pair(
         running_mean, running_var, ("running_mean", "running_var"), layer,
         None if use_input_stats else "when use_input_stats=False",
     )

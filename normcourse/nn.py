@@ -8,6 +8,10 @@ counterpart; they follow the batch renormalization paper (Ioffe 2017).
 Train or eval comes from ``module.training`` (``model.train()`` / ``model.eval()``), never from
 grad mode: ``torch.no_grad()`` in training mode still updates the running statistics, and
 ``torch.enable_grad()`` in eval mode still normalizes with them.
+
+TorchScript cannot compile an ``autograd.Function``, and torch deprecates it: ``torch.jit.script``
+of these modules (or of a model holding one) raises an error that points to ``torch.compile`` and
+``torch.export``, which handle them.
 """
 
 from __future__ import annotations
@@ -24,13 +28,19 @@ from normcourse.functional import (
     LayerNormFunction,
     RMSNormFunction,
     WeightStandardizationFunction,
-    check_channel_input,
     check_group_norm_input,
-    check_layer_norm_input,
     instance_norm,
     renorm_limits,
 )
-from normcourse.validation import check_channels, check_floating, check_groups, check_rank
+from normcourse.validation import (
+    check_channel_input,
+    check_channels,
+    check_floating,
+    check_groups,
+    check_layer_norm_input,
+    check_rank,
+    check_same_dtype,
+)
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d",
@@ -38,7 +48,18 @@ __all__ = [
 ]
 
 
-class _ChannelNorm(nn.Module):
+class _NotScriptable:
+    """Mixin: a clear error from ``torch.jit.script`` instead of a TorchScript parse error."""
+
+    def __prepare_scriptable__(self):  # called by torch.jit.script on every submodule
+        raise RuntimeError(
+            f"normcourse.nn.{type(self).__name__} cannot be compiled by torch.jit.script: it runs "
+            "a torch.autograd.Function, which TorchScript does not support (and TorchScript is "
+            "deprecated). Use torch.compile(model) or torch.export.export(model, args) instead."
+        )
+
+
+class _ChannelNorm(_NotScriptable, nn.Module):
     """What batch norm and batch renorm share: gamma/beta, the buffers, the resets, the input check.
 
     Subclasses set ``_input_ndims`` and ``_input_layouts``: the only difference between a 1d and a
@@ -48,6 +69,7 @@ class _ChannelNorm(nn.Module):
     _input_ndims: tuple[int, ...] = ()
     _input_layouts: str = ""
     _spread_name: str = ""  # running_var (batch norm) or running_std (batch renorm)
+    _version = 2  # the state_dict version of torch's _NormBase (with num_batches_tracked)
 
     def __init__(self, num_features: int, eps: float, momentum, affine: bool, bias: bool, device, dtype):
         super().__init__()
@@ -91,9 +113,27 @@ class _ChannelNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def _check_input(self, x: torch.Tensor, training: bool) -> None:
-        check_channel_input(
-            x, [self.num_features], training, type(self).__name__, self._input_ndims, self._input_layouts
-        )
+        layer = type(self).__name__
+        check_channel_input(x, [self.num_features], training, layer, self._input_ndims, self._input_layouts)
+        spread = {self._spread_name: getattr(self, self._spread_name)}
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias,
+                         running_mean=self.running_mean, **spread)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Accept state_dicts saved before num_batches_tracked existed, as torch does.
+
+        Version 2 of torch's batch norm added the buffer; a state_dict without it and with
+        version metadata below 2, or none (a plain dict), keeps the module's current count.
+        """
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            tracked = self.num_batches_tracked
+            keep = tracked is not None and tracked.device != torch.device("meta")
+            state_dict[key] = tracked if keep else torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class _BatchNorm(_ChannelNorm):
@@ -111,7 +151,6 @@ class _BatchNorm(_ChannelNorm):
             used in eval mode too.
     """
 
-    _version = 2  # the state_dict version of torch's _NormBase (with num_batches_tracked)
     _spread_name = "running_var"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -238,7 +277,7 @@ class BatchRenorm2d(_BatchRenorm):
     _input_layouts = "(N, C, H, W)"
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_NotScriptable, nn.Module):
     """Layer norm (Ba, Kiros & Hinton 2016), arguments and state_dict as torch.nn.LayerNorm.
 
     x: (*, *normalized_shape); statistics per row over the trailing ``normalized_shape`` axes with
@@ -280,7 +319,9 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (*, *normalized_shape) -> same shape."""
-        normalized_shape = check_layer_norm_input(x, self.normalized_shape, type(self).__name__)
+        layer = type(self).__name__
+        normalized_shape = check_layer_norm_input(x, self.normalized_shape, layer)
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
         return LayerNormFunction.apply(x, normalized_shape, self.weight, self.bias, self.eps)
 
 

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from normcourse.nn import LayerNorm
-from normcourse.validation import check_floating, check_normalized_shape, check_rank
+from normcourse.validation import (
+    check_choice,
+    check_floating,
+    check_normalized_shape,
+    check_rank,
+)
 
 __all__ = ["RNNCell", "RecurrentClassifier"]
 
@@ -34,8 +39,7 @@ class RNNCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, norm: str = "layer"):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"RNNCell norm must be one of {NORMS}, got {norm!r}")
+        check_choice(norm, NORMS, "RNNCell norm")
         self.input_size, self.hidden_size, self.norm_kind = input_size, hidden_size, norm
         self.input_to_hidden = nn.Linear(input_size, hidden_size, bias=norm == "none")
         self.hidden_to_hidden = nn.Linear(hidden_size, hidden_size, bias=False)

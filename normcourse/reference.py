@@ -26,6 +26,7 @@ from normcourse.validation import (
     check_groups,
     check_normalized_shape,
     check_rank,
+    check_running_pair,
 )
 
 __all__ = [
@@ -76,12 +77,9 @@ def _check_feature_vector(value, name: str, layer: str) -> int:
     return np.shape(value)[0]
 
 
-def _check_running_pair(running_a, running_b, names: tuple[str, str], num_features: int,
-                        layer: str) -> None:
-    """Running statistics come both or neither, as (D,) float arrays that can be updated."""
-    if (running_a is None) != (running_b is None):
-        raise ValueError(f"{layer} needs both {names[0]} and {names[1]}, or neither")
-    for value, name in zip((running_a, running_b), names):
+def _check_running_arrays(arrays, names: tuple[str, str], num_features: int, layer: str) -> None:
+    """Running statistics, when given, are (D,) floating-point NumPy arrays: updated in place."""
+    for value, name in zip(arrays, names):
         if value is None:
             continue
         if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
@@ -100,8 +98,9 @@ def _validate_batchnorm(x, gamma, beta, running_mean, running_var, uses_batch_st
     num_features = _check_feature_vector(gamma, "gamma", layer)
     check_channels(x, num_features, layer)
     _check_parameter_shape(beta, "beta", (num_features,), layer)
-    _check_running_pair(running_mean, running_var, ("running_mean", "running_var"),
-                        num_features, layer)
+    names = ("running_mean", "running_var")
+    check_running_pair(running_mean, running_var, names, layer)
+    _check_running_arrays((running_mean, running_var), names, num_features, layer)
     check_finite(x, layer)
     if uses_batch_stats:
         check_batch_statistics(x, layer)
@@ -377,11 +376,10 @@ def batch_renorm_forward(x, gamma, beta, running_mean, running_std, training=Tru
     + beta, no update. Returns out: (N, D) and the cache (which holds r and d).
     """
     layer = "batch_renorm_forward"
-    if running_mean is None or running_std is None:
-        raise ValueError(f"{layer} needs running_mean and running_std: r and d are built from them")
+    names = ("running_mean", "running_std")
+    check_running_pair(running_mean, running_std, names, layer, "(r and d are built from them)")
     _validate_batchnorm(x, gamma, beta, None, None, training, layer, (2,), "(N, D)")
-    _check_running_pair(running_mean, running_std, ("running_mean", "running_std"),
-                        np.shape(gamma)[0], layer)
+    _check_running_arrays((running_mean, running_std), names, np.shape(gamma)[0], layer)
     if rmax < 1 or dmax < 0:
         raise ValueError(f"{layer} needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from normcourse.data import iid_batches, to_tensors
-from normcourse.utils import one_thread, seed_everything
+from normcourse.utils import one_thread, restoring_modes, seed_everything
 from normcourse.validation import check_choice, check_floating
 
 __all__ = [
     "History",
+    "EvalOptions",
     "ActivationProbe",
     "OPTIMIZERS",
     "train",
@@ -57,9 +57,10 @@ class History:
         last step).
     train_loss: mean minibatch cross-entropy over the steps since the previous record.
     train_accuracy: eval-mode accuracy on a fixed subset of the training set (its first
-        ``train_eval_size`` examples).
+        ``EvalOptions.train_examples`` examples).
     test_accuracy: eval-mode accuracy on the test set.
-    test_accuracy_batch_stats: test accuracy with batch statistics (only if ``batch_stats_eval``).
+    test_accuracy_batch_stats: test accuracy with batch statistics (only with
+        ``EvalOptions(batch_stats=True)``).
     probe_values: one list per probe: ``probe_values[i][t]`` holds probe i's percentiles at
         ``steps[t]``.
     wall_time: seconds since the start of the run at each record (evaluation included).
@@ -96,6 +97,23 @@ class History:
         record = {"test": self.test_accuracy, "train": self.train_accuracy,
                   "test_batch_stats": self.test_accuracy_batch_stats}[which]
         return next((step for step, acc in zip(self.steps, record) if acc >= accuracy), None)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How ``train`` evaluates, beyond when (``eval_every``) and the probes.
+
+    batch_size: evaluate in chunks of this size (memory only: eval mode does not depend on
+        it); None: one pass.
+    batch_stats: also record the test accuracy with batch statistics, in batches of the
+        training batch size (``evaluate_with_batch_statistics``), into
+        ``history.test_accuracy_batch_stats``.
+    train_examples: how many training examples (the first ones) ``train_accuracy`` uses.
+    """
+
+    batch_size: int | None = None
+    batch_stats: bool = False
+    train_examples: int = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,17 +189,6 @@ class ActivationProbe:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def _restoring_modes(model: nn.Module) -> Iterator[None]:
-    """Put every module's train/eval flag back as it was (not just the top-level one)."""
-    saved = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
-
-
 def _normalizes_with_running_statistics(module: nn.Module) -> bool:
     """Batch norm and batch renorm (ours and torch's) keep a ``running_mean`` buffer."""
     return isinstance(getattr(module, "running_mean", None), torch.Tensor)
@@ -221,7 +228,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     module's train/eval flag is restored afterwards.
     """
     _check_positive_int(batch_size, "batch_size", allow_none=True)
-    with _restoring_modes(model):
+    with restoring_modes(model):
         model.eval()
         return _accuracy(model, x, y, batch_size)
 
@@ -239,7 +246,7 @@ def evaluate_with_batch_statistics(model: nn.Module, x: torch.Tensor, y: torch.T
     _check_positive_int(batch_size, "batch_size", allow_none=False)
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     try:
-        with _restoring_modes(model):
+        with restoring_modes(model):
             model.eval()
             for module in model.modules():
                 if _normalizes_with_running_statistics(module):
@@ -277,12 +284,13 @@ def _as_tensors(data, device: torch.device) -> tuple[torch.Tensor, ...]:
     return x_train, y_train, x_test, y_test
 
 
-def _make_optimizer(name: str, parameters: Iterable, lr: float, momentum: float) -> torch.optim.Optimizer:
+def _make_optimizer(name: str, parameters: Iterable, lr: float,
+                    sgd_momentum: float) -> torch.optim.Optimizer:
     check_choice(name, OPTIMIZERS, "optimizer")
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
-    if momentum:
-        raise ValueError("momentum is an SGD setting; Adam has its own betas")
+        return torch.optim.SGD(parameters, lr=lr, momentum=sgd_momentum)
+    if sgd_momentum:
+        raise ValueError("sgd_momentum is an SGD setting; Adam has its own betas")
     return torch.optim.Adam(parameters, lr=lr)
 
 
@@ -305,17 +313,15 @@ def train(
     steps: int,
     batch_size: int,
     lr: float,
-    optimizer: str = "sgd",
     seed: int,
     eval_every: int,
-    device: str | torch.device = "cpu",
+    optimizer: str = "sgd",
+    sgd_momentum: float = 0.0,
     sampler: Iterator | None = None,
     probes: Sequence[ActivationProbe] | None = None,
+    evaluation: EvalOptions = EvalOptions(),
+    device: str | torch.device = "cpu",
     progress: bool = True,
-    momentum: float = 0.0,
-    eval_batch_size: int | None = None,
-    batch_stats_eval: bool = False,
-    train_eval_size: int = 1000,
 ) -> History:
     """Train ``model`` with cross-entropy for ``steps`` minibatch steps; return its ``History``.
 
@@ -327,34 +333,37 @@ def train(
         data: a ``normcourse.data.MNIST`` or (x_train (N, ...), y_train (N,), x_test (M, ...),
             y_test (M,)); moved to ``device`` once.
         steps, batch_size, lr: number of updates, examples per batch, learning rate.
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
         seed: seeds everything (``seed_everything``) and the default batch order.
         eval_every: evaluate after every ``eval_every`` steps (and after the last step).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        sgd_momentum: SGD's momentum (heavy ball; 0: plain SGD). Not batch norm's
+            ``momentum``, which weights the running statistics.
         sampler: an iterator of index arrays (batch_size,) into the training set, e.g.
             ``normcourse.data.class_subset_batches`` for non-i.i.d. batches; default
             ``iid_batches`` (reshuffled each epoch).
         probes: ``ActivationProbe``s, recorded during each test evaluation.
+        evaluation: ``EvalOptions`` (chunk size, batch-statistics accuracy, training subset).
+        device: where the model and the data go.
         progress: show a tqdm progress bar.
-        eval_batch_size: evaluate in chunks of this size (memory only; eval mode).
-        batch_stats_eval: also record test accuracy with batch statistics in batches of
-            ``batch_size`` (``evaluate_with_batch_statistics``).
-        train_eval_size: how many training examples (the first ones) ``train_accuracy`` uses.
 
     The model is in training mode during the steps and in eval mode (no gradients) during the
     evaluations. A NaN or infinite loss stops the run with ``history.diverged = True``.
     """
+    if not isinstance(evaluation, EvalOptions):
+        raise TypeError(f"evaluation must be an EvalOptions, got {type(evaluation).__name__}")
+    eval_batch_size = evaluation.batch_size
     for value, what in ((steps, "steps"), (batch_size, "batch_size"), (eval_every, "eval_every"),
-                        (train_eval_size, "train_eval_size")):
+                        (evaluation.train_examples, "EvalOptions.train_examples")):
         _check_positive_int(value, what, allow_none=False)
-    _check_positive_int(eval_batch_size, "eval_batch_size", allow_none=True)
+    _check_positive_int(eval_batch_size, "EvalOptions.batch_size", allow_none=True)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
     seed_everything(seed)
     device = torch.device(device)
     model.to(device)
     x_train, y_train, x_test, y_test = _as_tensors(data, device)
-    x_seen, y_seen = x_train[:train_eval_size], y_train[:train_eval_size]
-    opt = _make_optimizer(optimizer, model.parameters(), lr, momentum)
+    x_seen, y_seen = x_train[:evaluation.train_examples], y_train[:evaluation.train_examples]
+    opt = _make_optimizer(optimizer, model.parameters(), lr, sgd_momentum)
     batches = iter(sampler) if sampler is not None else iid_batches(len(x_train), batch_size, seed)
     probes = list(probes or [])
     history = History(probe_values=[[] for _ in probes])
@@ -368,7 +377,7 @@ def train(
         for probe, values in zip(probes, history.probe_values):
             values.append(probe.stop(step))
         history.train_accuracy.append(evaluate(model, x_seen, y_seen, eval_batch_size))
-        if batch_stats_eval:
+        if evaluation.batch_stats:
             history.test_accuracy_batch_stats.append(
                 evaluate_with_batch_statistics(model, x_test, y_test, batch_size))
         history.wall_time.append(time.perf_counter() - start)

@@ -1,12 +1,14 @@
-"""Small helpers every notebook and test needs: seeding and device choice."""
+"""Small helpers every layer may use: seeding, the one-thread guard, restoring train/eval modes."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def seed_everything(seed: int) -> None:
@@ -16,9 +18,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    """CUDA when a GPU is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextmanager
@@ -37,3 +36,23 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def restoring_modes(model: nn.Module) -> Iterator[None]:
+    """Put every module's train/eval flag back as it was when the block ends, even on error.
+
+    ``model.train()`` and ``model.eval()`` set the flag of every submodule, so restoring only
+    the top-level one would unfreeze a layer that was put in eval mode on its own (a frozen
+    batch norm). Use it around code that switches modes temporarily::
+
+        with restoring_modes(model):
+            model.eval()
+            ...
+    """
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training

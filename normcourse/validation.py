@@ -3,6 +3,11 @@
 Every normalization layer in the package validates its input here, so that a student who passes a
 wrong shape, an integer array or a batch of one gets one clear sentence naming the problem instead
 of a broadcasting error ten frames deep. The functions accept NumPy arrays and torch tensors alike.
+
+The exceptions are Python's natural ones (``TypeError`` for a dtype, ``ValueError`` for a shape),
+as ``ShapeError`` and ``DtypeError``, which are also the exception type torch.nn raises for the
+same input (``RuntimeError``, ``NotImplementedError``): an ``except`` clause written for
+torch.nn catches ours too, so the modules stay drop-in replacements.
 """
 
 from __future__ import annotations
@@ -13,15 +18,32 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ShapeError",
+    "DtypeError",
     "check_floating",
+    "check_same_dtype",
     "check_finite",
     "check_rank",
     "check_channels",
     "check_batch_statistics",
     "check_normalized_shape",
     "check_choice",
+    "check_running_pair",
+    "check_channel_input",
+    "check_layer_norm_input",
     "check_groups",
 ]
+
+CHANNEL_NDIMS = (2, 3, 4)
+CHANNEL_LAYOUTS = "(N, C), (N, C, L) or (N, C, H, W)"
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A wrong rank, channel count or trailing shape (torch.nn raises RuntimeError for some)."""
+
+
+class DtypeError(TypeError, NotImplementedError):
+    """A non-floating input or mixed dtypes (torch.nn: NotImplementedError or RuntimeError)."""
 
 
 def _is_floating(x) -> bool:
@@ -37,8 +59,8 @@ def check_floating(x, layer: str) -> None:
     arithmetic would silently truncate every value.
     """
     if not _is_floating(x):
-        dtype = x.dtype if hasattr(x, "dtype") else type(x).__name__
-        raise TypeError(
+        dtype = getattr(x, "dtype", type(x).__name__)
+        raise DtypeError(
             f"{layer} expects a floating-point input, got dtype {dtype}; "
             "convert it first (x.float() in PyTorch, x.astype(np.float64) in NumPy)"
         )
@@ -61,13 +83,13 @@ def check_rank(x, allowed_ndims: tuple[int, ...], layer: str, expected: str) -> 
     ``expected`` describes the accepted layouts for the message, e.g. ``"(N, C) or (N, C, L)"``.
     """
     if x.ndim not in allowed_ndims:
-        raise ValueError(f"{layer} expects input of shape {expected}, got shape {tuple(x.shape)}")
+        raise ShapeError(f"{layer} expects input of shape {expected}, got shape {tuple(x.shape)}")
 
 
 def check_channels(x, num_features: int, layer: str) -> None:
     """Raise ValueError unless axis 1 of ``x`` has ``num_features`` channels."""
     if x.shape[1] != num_features:
-        raise ValueError(
+        raise ShapeError(
             f"{layer}(num_features={num_features}) got {x.shape[1]} channels in axis 1 "
             f"of an input of shape {tuple(x.shape)}"
         )
@@ -77,10 +99,11 @@ def check_batch_statistics(x, layer: str) -> None:
     """Raise ValueError when training-mode statistics would be computed from one value per channel.
 
     With a single value the batch variance is 0 and every output equals beta: the layer would train
-    on garbage. The message begins like PyTorch's so that users can search for either.
+    on garbage. The message begins like PyTorch's so that users can search for either. An empty
+    batch passes: the layer returns an empty output and leaves its statistics alone, as in torch.
     """
     values_per_channel = math.prod(x.shape) // x.shape[1]
-    if values_per_channel <= 1:
+    if values_per_channel == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got input of shape "
             f"{tuple(x.shape)} in {layer}: use a batch of at least 2 examples, or call .eval() "
@@ -92,7 +115,7 @@ def check_normalized_shape(x, normalized_shape: tuple[int, ...], layer: str) -> 
     """Raise ValueError unless the trailing dimensions of ``x`` equal ``normalized_shape``."""
     k = len(normalized_shape)
     if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(normalized_shape):
-        raise ValueError(
+        raise ShapeError(
             f"{layer}(normalized_shape={tuple(normalized_shape)}) expects input whose last {k} "
             f"dimension(s) are {tuple(normalized_shape)}, got shape {tuple(x.shape)}"
         )
@@ -103,6 +126,61 @@ def check_choice(value, choices, what: str) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"unknown {what} {value!r}; choose one of {valid}")
+
+
+def check_same_dtype(x, layer: str, **tensors) -> None:
+    """Raise DtypeError unless every given tensor (None: absent) has the input's dtype.
+
+    torch.nn's rule on a CPU, the one exception included: a float16 or bfloat16 input may meet
+    float32 parameters and statistics (mixed precision), which the layer accumulates in float32.
+    Anything else, a float32 module fed float64 input say, would silently compute in one dtype
+    and keep its running statistics in another.
+    """
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    for name, t in tensors.items():
+        if t is None or t.dtype == x.dtype or (half and t.dtype == torch.float32):
+            continue
+        raise DtypeError(
+            f"{layer} got an input of dtype {x.dtype} but its {name} has dtype {t.dtype}; "
+            f"convert one of them (module.to({x.dtype}) or x.to({t.dtype}))"
+        )
+
+
+def check_running_pair(first, second, names: tuple[str, str], layer: str,
+                       required_because: str | None = None) -> None:
+    """Running statistics come both or neither; both when ``required_because`` (a phrase) is
+    given, which the message then quotes as the reason."""
+    if (first is None) != (second is None):
+        raise ValueError(f"{layer} needs both {names[0]} and {names[1]}, or neither")
+    if required_because and first is None:
+        raise ValueError(f"{layer} needs {names[0]} and {names[1]} {required_because}")
+
+
+def check_channel_input(x, channel_counts, training: bool, layer: str,
+                        ndims=CHANNEL_NDIMS, layouts: str = CHANNEL_LAYOUTS) -> None:
+    """Validate a batch norm / renorm input x: (N, C, *).
+
+    ``channel_counts``: the C each per-channel tensor (or the module) expects. Raises DtypeError
+    for a non-floating input, ShapeError for a wrong rank or a channel count that differs, and
+    ValueError for one value per channel in training mode.
+    """
+    check_floating(x, layer)
+    check_rank(x, ndims, layer, layouts)
+    for count in channel_counts:
+        check_channels(x, count, layer)
+    if training:
+        check_batch_statistics(x, layer)
+
+
+def check_layer_norm_input(x, normalized_shape, layer: str = "layer_norm") -> tuple[int, ...]:
+    """Validate x: (*, *normalized_shape); return normalized_shape as a tuple (an int means one
+    trailing axis)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(n) for n in normalized_shape)
+    check_floating(x, layer)
+    check_normalized_shape(x, normalized_shape, layer)
+    return normalized_shape
 
 
 def check_groups(num_channels: int, num_groups: int, layer: str) -> None:

@@ -152,3 +152,33 @@ def test_layer_norm_module_rejects_bad_input():
         module(torch.randn(4, 3, 2))
     with pytest.raises(TypeError, match="LayerNorm expects a floating-point input"):
         module(torch.ones(4, 2, 3, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# mixed dtypes: torch's CPU rule, with a message naming both dtypes
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda dtype: ncnn.BatchNorm1d(C, dtype=dtype), (4, C)),
+    (lambda dtype: ncnn.BatchNorm2d(C, dtype=dtype), (4, C, 2, 2)),
+    (lambda dtype: ncnn.BatchRenorm1d(C, dtype=dtype), (4, C)),
+    (lambda dtype: ncnn.LayerNorm(C, dtype=dtype), (4, C)),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_dtypes_raise_naming_both(make, shape, training):
+    module = make(torch.float32).train(training)
+    # a TypeError by the project's convention, and a RuntimeError as torch.nn's own error
+    with pytest.raises(TypeError, match=r"input of dtype torch\.float64 but its \w+ has dtype torch\.float32"):
+        module(torch.randn(shape, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"torch\.float32 but its \w+ has dtype torch\.float64"):
+        make(torch.float64).train(training)(torch.randn(shape))
+    # mixed precision is the one exception: half input, float32 module, half output
+    assert module(torch.randn(shape, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_functional_mixed_dtypes_name_the_tensor():
+    x = torch.randn(4, C, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"batch_norm got an input of dtype torch\.float64 but its running_mean"):
+        nf.batch_norm(x, *stats(), training=True)
+    with pytest.raises(TypeError, match=r"layer_norm got an input of dtype torch\.float64 but its weight"):
+        nf.layer_norm(x, (C,), torch.ones(C))

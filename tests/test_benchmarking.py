@@ -34,7 +34,7 @@ def test_function_saves_less_than_autograd_and_no_more_than_native(layer, shape)
     saved = {variant: B.saved_bytes(run) for variant, run in cases.items()}
     assert saved["function"] < saved["autograd"], saved
     # one tensor of x's size plus per-channel (or per-row) vectors, like torch's own kernels:
-    # the input itself for batch norm / renorm, xhat for layer norm
+    # the input itself, which a second derivative needs
     elements, itemsize = torch.Size(shape).numel(), 4
     assert elements * itemsize <= saved["function"] < 2 * elements * itemsize, saved
     assert saved["autograd"] >= 2 * elements * itemsize, saved

@@ -251,7 +251,7 @@ def test_env_var_selects_the_cache(tiny, tmp_path, monkeypatch):
 
 
 def test_unknown_source_is_rejected():
-    with pytest.raises(ValueError, match="'auto', 'full' or 'embedded'"):
+    with pytest.raises(ValueError, match="unknown MNIST source 'mnist'; choose one of 'auto', 'full', 'embedded'"):
         data.load_mnist("mnist")
 
 

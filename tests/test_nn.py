@@ -342,3 +342,20 @@ def test_batch_renorm_defaults_and_state_dict_round_trip():
     assert_same_state(a, b)
     a.reset_parameters()
     assert int(a.num_batches_tracked) == 0 and torch.equal(a.running_std, torch.ones(4))
+
+
+@pytest.mark.parametrize("cls,shape", [(ncnn.BatchRenorm1d, (0, 3)), (ncnn.BatchRenorm2d, (2, 3, 0, 4))])
+def test_batch_renorm_empty_batch_leaves_the_averages_and_counts_the_step(cls, shape):
+    """As torch's batch norm does with an empty batch (tests/test_conformance.py)."""
+    layer = cls(3)
+    with torch.no_grad():
+        layer.running_mean.fill_(0.5)
+        layer.running_std.fill_(2.0)
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == shape and x.grad.shape == shape
+    assert torch.equal(layer.weight.grad, torch.zeros(3)) and torch.equal(layer.bias.grad, torch.zeros(3))
+    assert torch.equal(layer.running_mean, torch.full((3,), 0.5))
+    assert torch.equal(layer.running_std, torch.full((3,), 2.0))
+    assert int(layer.num_batches_tracked) == 1

@@ -13,7 +13,14 @@ from torch import nn
 
 from normcourse.data import class_subset_batches, iid_batches, load_mnist
 from normcourse.models import convnet, mlp
-from normcourse.train import ActivationProbe, History, evaluate, evaluate_with_batch_statistics, train
+from normcourse.train import (
+    ActivationProbe,
+    EvalOptions,
+    History,
+    evaluate,
+    evaluate_with_batch_statistics,
+    train,
+)
 from normcourse.utils import seed_everything
 
 torch.set_num_threads(1)
@@ -59,7 +66,7 @@ def test_same_seed_gives_bit_identical_histories_and_weights():
     for _ in range(2):
         model = small_mlp("batch")
         probe = ActivationProbe(model.act2, unit=1)
-        history = run(model, data, steps=50, eval_every=10, probes=[probe], batch_stats_eval=True)
+        history = run(model, data, steps=50, eval_every=10, probes=[probe], evaluation=EvalOptions(batch_stats=True))
         runs.append((history_without_timings(history), model.state_dict()))
     (first, weights1), (second, weights2) = runs
     assert first == second
@@ -81,7 +88,7 @@ def test_training_and_evaluation_run_on_one_thread_whatever_the_caller_set():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run(model, data, steps=5, eval_every=5, batch_stats_eval=True)
+        run(model, data, steps=5, eval_every=5, evaluation=EvalOptions(batch_stats=True))
         evaluate(model, data[2], data[3])
         evaluate_with_batch_statistics(model, data[2], data[3], batch_size=20)
         assert torch.get_num_threads() == 2
@@ -92,7 +99,7 @@ def test_training_and_evaluation_run_on_one_thread_whatever_the_caller_set():
 
 def test_history_records_every_eval_step_and_the_last_step():
     model = small_mlp("batch")
-    history = run(model, blobs(), steps=45, eval_every=20, batch_stats_eval=True)
+    history = run(model, blobs(), steps=45, eval_every=20, evaluation=EvalOptions(batch_stats=True))
     assert history.steps == [20, 40, 45]
     for record in (history.train_loss, history.train_accuracy, history.test_accuracy,
                    history.test_accuracy_batch_stats, history.wall_time):
@@ -106,7 +113,7 @@ def test_history_records_every_eval_step_and_the_last_step():
 def test_recorded_accuracies_are_eval_mode_accuracies_of_the_final_model():
     data = blobs()
     model = small_mlp("batch")
-    history = run(model, data, train_eval_size=100, batch_stats_eval=True)
+    history = run(model, data, evaluation=EvalOptions(batch_stats=True, train_examples=100))
     x_train, y_train, x_test, y_test = data
     assert history.test_accuracy[-1] == evaluate(model, x_test, y_test)
     assert history.train_accuracy[-1] == evaluate(model, x_train[:100], y_train[:100])
@@ -188,8 +195,8 @@ def test_bad_arguments_raise_clear_errors():
     data = blobs()
     with pytest.raises(ValueError, match="'sgd', 'adam'"):
         run(small_mlp(), data, optimizer="rmsprop")
-    with pytest.raises(ValueError, match="momentum"):
-        run(small_mlp(), data, optimizer="adam", momentum=0.9)
+    with pytest.raises(ValueError, match="sgd_momentum is an SGD setting"):
+        run(small_mlp(), data, optimizer="adam", sgd_momentum=0.9)
     with pytest.raises(ValueError, match="steps"):
         run(small_mlp(), data, steps=0)
     with pytest.raises(ValueError, match="lr"):
@@ -203,7 +210,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_adam_and_momentum_are_used():
     data = blobs()
     plain = run(small_mlp(), data, steps=20, eval_every=20)
-    with_momentum = run(small_mlp(), data, steps=20, eval_every=20, momentum=0.9)
+    with_momentum = run(small_mlp(), data, steps=20, eval_every=20, sgd_momentum=0.9)
     adam = run(small_mlp(), data, steps=20, eval_every=20, optimizer="adam", lr=1e-3)
     assert len({plain.train_loss[0], with_momentum.train_loss[0], adam.train_loss[0]}) == 3
 
@@ -211,10 +218,10 @@ def test_adam_and_momentum_are_used():
 def test_trains_on_an_mnist_object_with_mlp_and_convnet():
     mnist = load_mnist("embedded")
     history = run(mlp(norm="batch"), mnist, steps=40, batch_size=32, lr=0.5, eval_every=40,
-                  eval_batch_size=500)
+                  evaluation=EvalOptions(batch_size=500))
     assert history.test_accuracy[-1] > 0.3  # chance is 0.1
     history = run(convnet(norm="batch", channels=(4, 8)), mnist, steps=3, batch_size=16, eval_every=3,
-                  eval_batch_size=1000, train_eval_size=100)
+                  evaluation=EvalOptions(batch_size=1000, train_examples=100))
     assert len(history.test_accuracy) == 1
 
 

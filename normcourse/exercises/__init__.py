@@ -10,8 +10,9 @@ From the shell (``python -m normcourse --help``): ``student`` writes the student
 ``instructors`` writes the instructor page.
 
 Modules, one job each (arrows point down): ``commands`` (what each shell command does) ->
-``grading``, ``bundle``, ``instructors`` (the instructor page), ``notebooks`` (student versions)
--> ``checks`` (``check``, ``check_answer``) -> ``catalog`` (chapters, tasks, points, written
+``grading``, ``bundle`` (with ``chapter_text``, chapters that read outside the book, and
+``nbgrader_source``, notebooks in nbgrader's format), ``instructors`` (the instructor page),
+``notebooks`` (student versions) -> ``checks`` (``check``, ``check_answer``) -> ``catalog`` (chapters, tasks, points, written
 questions, prerequisites) -> ``tasks.chNN_topic`` (each chapter's tasks and known mistakes) ->
 ``diagnosis`` (the checking machinery).
 """

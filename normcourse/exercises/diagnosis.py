@@ -8,7 +8,14 @@ A task is checked on a few small, seeded, float64 test cases. For every case the
 
 A mistake is diagnosed when the student's output equals the mistake's output on the first case
 where the student is wrong. Outputs are compared component by component (``dx``, ``dgamma``,
-``dbeta`` separately), so that two mistakes in different outputs are both named.
+``dbeta`` separately), so that two mistakes in different outputs are both named, and a task whose
+catalogue entry splits its points per output (``output_points``) gives partial credit: each
+output earns its points when it is right on every case. Besides the task's own mistakes, some
+are recognised for every task (their names are in ``GENERAL_MISTAKES``): outputs returned in the
+wrong order, ``(out, cache)`` returned where ``out`` is asked, float32 results (the course
+computes in float64: a float32 output is a named failure and earns no points), and a wrong helper
+from an earlier task that the answer calls ("fix `renorm_r_d` first"). A wrong output that no
+mistake explains is reported with the largest relative error of each output.
 
 Nothing a student writes may crash the checker: exceptions, ``None``, strings, tensors, lists and
 wrong shapes all become sentences. ``NotImplementedError`` (the stub in the student notebooks) is
@@ -32,6 +39,9 @@ __all__ = [
     "AnswerProblem",
     "RTOL",
     "ATOL",
+    "GENERAL_MISTAKES",
+    "points_text",
+    "precision_of",
 ]
 
 # Tolerances: loose enough for a student who computes in float32, tight enough that every known
@@ -40,8 +50,33 @@ RTOL = 1e-5
 ATOL = 1e-8
 
 
+# Mistakes recognised for every task, besides each task's own ``mistakes``.
+GENERAL_MISTAKES = {
+    "wrong_order": "the right outputs returned in another order",
+    "out_and_cache": "(out, cache) returned where only out is asked",
+    "float32": "float32 (or lower) results where float64 is asked",
+    "wrong_helper": "a wrong function from an earlier task, called by this one",
+}
+
+FLOAT32_MESSAGE = (
+    "{what}: the exercises compute in float64 (the inputs are float64, and a float32 result "
+    "keeps only about 7 digits, too few for the course's float64 gradient checks at 1e-7). Keep "
+    "the inputs' dtype: no `.astype(np.float32)`, no float32 torch tensors."
+)
+# An output computed in float32 and converted back is recognised by its error: at most this many
+# times the error of the correct answer computed from float32 inputs.
+FLOAT32_ERROR_FACTOR = 10.0
+
+
 class AnswerProblem(Exception):
-    """Raised while reading a student's answer; its message is shown to the student as is."""
+    """Raised while reading a student's answer; its message is shown to the student as is.
+
+    name: the diagnosis' name when the problem is a recognised mistake (e.g. ``out_and_cache``).
+    """
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.names = [name] if name else []
 
 
 @dataclass(frozen=True)
@@ -81,6 +116,9 @@ class Result:
     max_points: int
     message: str
     mistakes: list[str] = field(default_factory=list)
+    # Partial credit: [{"output": "dx", "points": 0, "max_points": 2}, ...] when the task splits
+    # its points per output; empty otherwise.
+    parts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -91,15 +129,24 @@ class Result:
             "max_points": self.max_points,
             "message": self.message,
             "mistakes": list(self.mistakes),
+            "parts": [dict(p) for p in self.parts],
         }
 
     def line(self) -> str:
         """The one-line verdict printed under a check cell."""
         label = {"pass": "PASS", "fail": "FAIL", "not_implemented": "NOT IMPLEMENTED"}[self.status]
-        return (
-            f"[{label}] {self.task} ({self.title}): {self.points}/{self.max_points} "
-            f"point{'s' if self.max_points != 1 else ''}. {self.message}"
-        )
+        return f"[{label}] {self.task} ({self.title}): {points_text(self.to_dict())}. {self.message}"
+
+
+def points_text(result: dict) -> str:
+    """``"2/4 points (dx 0/2, dgamma 1/1, dbeta 1/1)"`` from a ``Result.to_dict()``; the split is
+    shown only when it matters (some but not all points earned)."""
+    points, most = result["points"], result["max_points"]
+    text = f"{points}/{most} point{'s' if most != 1 else ''}"
+    parts = result.get("parts") or []
+    if parts and 0 < points < most:
+        text += " (" + ", ".join(f"{p['output']} {p['points']}/{p['max_points']}" for p in parts) + ")"
+    return text
 
 
 @dataclass
@@ -120,6 +167,7 @@ class Task:
 
     def check(self, answer) -> Result:
         """Check ``answer`` and return a Result; never raises."""
+        credit = None
         try:
             if answer is None:
                 status, message, names = "fail", f"got None instead of your function `{self.function}`.", []
@@ -132,13 +180,28 @@ class Task:
             else:
                 # fork_rng: checking must not change the random stream of the student's notebook.
                 with torch.random.fork_rng(devices=[]):
-                    status, message, names = self.diagnose(answer)
+                    status, message, names, *rest = self.diagnose(answer)
+                credit = rest[0] if rest else None
         except Exception as error:  # a bug in a checker must not stop a student's notebook
             status, message, names = "fail", f"the checker itself failed ({error!r}); please report it.", []
-        points = self.points if status == "pass" else 0
-        return Result(self.id, self.title, status, points, self.points, message, names)
+        parts = self.parts(status, credit)
+        points = self.points if status == "pass" else sum(p["points"] for p in parts)
+        return Result(self.id, self.title, status, points, self.points, message, names, parts)
 
-    def diagnose(self, answer) -> tuple[str, str, list[str]]:
+    @property
+    def points_label(self) -> str:
+        """``"4 points: dx 2, dgamma 1, dbeta 1"`` (the split, where the task has one), as in the
+        notebooks' task headings and the instructor page."""
+        return f"{self.points} point{'s' if self.points != 1 else ''}"
+
+    def parts(self, status: str, credit: list[bool] | None) -> list[dict]:
+        """The partial credit per output (empty: all or nothing). credit: which outputs were right
+        on every case (None: none can be credited)."""
+        return []
+
+    def diagnose(self, answer) -> tuple:
+        """``(status, message, mistake_names)``, optionally followed by ``credit`` (one bool per
+        output: right on every case)."""
         raise NotImplementedError
 
 
@@ -197,6 +260,22 @@ def _snapshot(kwargs: dict) -> dict:
     return {k: np.array(v, copy=True) for k, v in kwargs.items() if isinstance(v, np.ndarray)}
 
 
+def precision_of(value) -> str | None:
+    """The name of ``value``'s floating dtype if it is below float64 (``"float32"``...), else None."""
+    if isinstance(value, torch.Tensor):
+        low = (torch.float32, torch.float16, torch.bfloat16)
+        return str(value.dtype).removeprefix("torch.") if value.dtype in low else None
+    dtype = getattr(value, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize < 8:
+        return dtype.name
+    return None
+
+
+def _listing(names: list[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
 @dataclass
 class OutputTask(Task):
     """A task checked by comparing outputs with the correct answer and with known mistakes.
@@ -205,26 +284,53 @@ class OutputTask(Task):
     cases: the test cases (keyword arguments for the function).
     outputs: names of the outputs, e.g. ``("dx", "dgamma", "dbeta")``; the function returns one
         value, or a tuple of them.
+    output_points: points per output (partial credit), summing to ``points``; None: all or
+        nothing.
     collect: optional ``collect(kwargs, returned) -> tuple`` turning a call into the compared
         outputs (for functions that update inputs in place, or return a model); its length must
         equal ``len(outputs)``. It may raise AnswerProblem.
     mutable: names of inputs the function is allowed (or required) to modify in place.
     mistakes: the known mistakes, most specific first.
+    uses: tasks of earlier cells whose functions this one may call (``06.renorm_r_d`` for the
+        batch renorm passes): when the answer fails and calls a wrong one, it is named first.
     """
 
     correct: Callable = None
     cases: tuple[Case, ...] = ()
     outputs: tuple[str, ...] = ("out",)
+    output_points: tuple[int, ...] | None = None
     collect: Callable | None = None
     mutable: tuple[str, ...] = ()
     mistakes: tuple[Mistake, ...] = ()
+    uses: tuple[Task, ...] = ()
     mutation_message: str = (
         "`{function}` changed its input `{name}` in place; work on new arrays "
         "(e.g. `{name} - mean` rather than `{name} -= mean`)"
     )
 
-    def run(self, function: Callable, case: Case) -> list[np.ndarray]:
-        """Call ``function`` on a fresh copy of the case's inputs; return the outputs as arrays.
+    def __post_init__(self):
+        if self.output_points is not None and (
+                len(self.output_points) != len(self.outputs) or sum(self.output_points) != self.points):
+            raise ValueError(f"{self.id}: output_points {self.output_points} must give one number "
+                             f"per output {self.outputs} and sum to points={self.points}")
+
+    @property
+    def points_label(self) -> str:
+        label = super().points_label
+        if self.output_points is None:
+            return label
+        return label + ": " + ", ".join(f"{n} {p}" for n, p in zip(self.outputs, self.output_points))
+
+    def parts(self, status, credit):
+        if self.output_points is None:
+            return []
+        return [{"output": name, "max_points": most,
+                 "points": most if status == "pass" or (credit and credit[i]) else 0}
+                for i, (name, most) in enumerate(zip(self.outputs, self.output_points))]
+
+    def values(self, function: Callable, case: Case) -> tuple[object, list]:
+        """Call ``function`` on a fresh copy of the case's inputs: ``(returned, outputs)``, the
+        outputs as returned (before conversion to arrays).
 
         Exceptions raised by ``function`` propagate; unreadable answers raise AnswerProblem.
         """
@@ -241,7 +347,30 @@ class OutputTask(Task):
             ):
                 raise AnswerProblem(self.mutation_message.format(function=self.function, name=name))
         values = self.collect(kwargs, returned) if self.collect else split_outputs(returned, self.outputs)
-        return [to_array(v, n) for v, n in zip(values, self.outputs)]
+        return returned, list(values)
+
+    def run(self, function: Callable, case: Case) -> list[np.ndarray]:
+        """Call ``function`` on a fresh copy of the case's inputs; return the outputs as arrays.
+
+        Exceptions raised by ``function`` propagate; unreadable answers raise AnswerProblem.
+        """
+        return [to_array(v, n) for v, n in zip(self.values(function, case)[1], self.outputs)]
+
+    def _out_and_cache(self, returned, expected: list[np.ndarray]) -> AnswerProblem | None:
+        """A tuple whose first value has the shape of the one asked output: the CS231n
+        ``(out, cache)`` habit."""
+        if self.collect or len(self.outputs) != 1 or not isinstance(returned, tuple) or len(returned) < 2:
+            return None
+        try:
+            first = to_array(returned[0], self.outputs[0])
+        except AnswerProblem:
+            return None
+        if first.shape != expected[0].shape:
+            return None
+        name = self.outputs[0]
+        return AnswerProblem(
+            f"You returned a tuple of {len(returned)} values, like the layers' `(out, cache)`; "
+            f"this task asks for `{name}` alone: return `{name}`", "out_and_cache")
 
     def _mistake_outputs(self, mistake: Mistake, case: Case) -> list[np.ndarray] | None:
         try:
@@ -250,52 +379,108 @@ class OutputTask(Task):
             return None
 
     def diagnose(self, answer):
+        status, message, names, credit = self._diagnose(answer)
+        if status == "fail":
+            blame = self._wrong_helper(answer)
+            if blame:  # the helper's mistake explains this answer's; name that one only
+                message, names = blame, ["wrong_helper"]
+        return status, message, names, credit
+
+    def _wrong_helper(self, answer) -> str | None:
+        """Name a function of an earlier task that ``answer`` calls by name and that is wrong."""
+        code, namespace = getattr(answer, "__code__", None), getattr(answer, "__globals__", {})
+        for task in self.uses:
+            helper = namespace.get(task.function)
+            if code is None or task.function not in code.co_names or not callable(helper):
+                continue
+            result = task.check(helper)
+            if result.status == "fail":
+                return (f"Fix `{task.function}` first: `{self.function}` calls your "
+                        f"`{task.function}`, which fails its own check: {result.message}")
+        return None
+
+    def _diagnose(self, answer):
         # Run every case first: when several mistakes explain the first wrong case, the other
         # cases tell them apart.
-        runs = []  # (case, expected, got) for the cases the answer survived
+        runs = []  # (case, expected, got, low-precision output indices) for the cases survived
         first_wrong = None
         for case in self.cases:
             expected = self.run(self.correct, case)
             try:
-                got = self.run(answer, case)
+                returned, values = self.values(answer, case)
+                problem = self._out_and_cache(returned, expected)
+                if problem:
+                    raise problem
+                got = [to_array(v, n) for v, n in zip(values, self.outputs)]
             except NotImplementedError:
-                return "not_implemented", f"`{self.function}` is not implemented yet.", []
+                return "not_implemented", f"`{self.function}` is not implemented yet.", [], None
             except AnswerProblem as problem:
                 if first_wrong is None:
-                    return "fail", f"{problem} (test case: {case.description}).", []
+                    return "fail", f"{problem} (test case: {case.description}).", problem.names, None
                 break
             except Exception as error:
                 if first_wrong is None:
                     message = _describe_exception(error, self.function)
-                    return "fail", f"{message} (test case: {case.description}).", []
+                    return "fail", f"{message} (test case: {case.description}).", [], None
                 break
-            runs.append((case, expected, got))
-            if first_wrong is None and any(not _same(g, e) for g, e in zip(got, expected)):
+            low = {i: precision_of(v) for i, v in enumerate(values) if precision_of(v)}
+            runs.append((case, expected, got, low))
+            if first_wrong is None and (low or any(not _same(g, e) for g, e in zip(got, expected))):
                 first_wrong = len(runs) - 1
         if first_wrong is None:
             count = len(self.cases)
-            return "pass", f"Correct on {count} test case{'s' if count != 1 else ''}.", []
-        return self._explain(runs, first_wrong)
+            return "pass", f"Correct on {count} test case{'s' if count != 1 else ''}.", [], None
+        credit = None
+        if len(runs) == len(self.cases):
+            credit = [all(_same(got[i], expected[i]) and i not in low for _, expected, got, low in runs)
+                      for i in range(len(self.outputs))]
+        return ("fail", *self._explain(runs, first_wrong), credit)
 
     def _reproduces(self, mistake: Mistake, case: Case, got: list[np.ndarray]) -> bool:
         outputs = self._mistake_outputs(mistake, case)
         return outputs is not None and all(_same(g, o) for g, o in zip(got, outputs))
 
-    def _explain(self, runs, first_wrong) -> tuple[str, str, list[str]]:
-        case, expected, got = runs[first_wrong]
+    def _wrong_order(self, runs, wrong) -> dict[int, int]:
+        """{slot: the output whose right value sits there on every case} for outputs returned
+        out of order."""
+        if self.collect or len(self.outputs) < 2:
+            return {}
+        return {i: j for i in wrong for j in range(len(self.outputs))
+                if j != i and all(_same(got[i], expected[j]) for _, expected, got, _ in runs)}
+
+    def _explain(self, runs, first_wrong) -> tuple[str, list[str]]:
+        case, expected, got, low = runs[first_wrong]
+        where = f" (test case: {case.description})."
         wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _same(g, e)]
         names: list[str] = []
         messages: list[str] = []
-        mistake_outputs = {m.name: self._mistake_outputs(m, case) for m in self.mistakes}
+        if low:
+            dtypes = " and ".join(sorted(set(low.values())))
+            names.append("float32")
+            messages.append(FLOAT32_MESSAGE.format(
+                what=f"{_listing([self.outputs[i] for i in low])} "
+                     f"{'is' if len(low) == 1 else 'are'} {dtypes}"))
+        moved = self._wrong_order(runs, wrong)
+        if moved:
+            returned = ", ".join(self.outputs[moved.get(i, i)] if i in moved or i not in wrong
+                                 else "(a wrong value)" for i in range(len(self.outputs)))
+            names.append("wrong_order")
+            messages.append(f"Your outputs are in the wrong order: you returned ({returned}); "
+                            f"return ({', '.join(self.outputs)}).")
+            wrong = [i for i in wrong if i not in moved]
+        if not wrong:
+            return " ".join(messages) + where, names
         # A mistake that reproduces every output explains the answer completely; if several do,
         # prefer the one that also reproduces the answer on the other cases.
-        whole = [m for m in self.mistakes if self._reproduces(m, case, got)]
+        whole = [m for m in self.mistakes if self._reproduces(m, case, got)] if not names else []
         if whole:
             consistent = [m for m in whole
-                          if all(self._reproduces(m, c, g) for c, _, g in runs)]
+                          if all(self._reproduces(m, c, g) for c, _, g, _ in runs)]
             mistake = (consistent or whole)[0]
-            return "fail", f"{mistake.message} (test case: {case.description}).", [mistake.name]
+            return mistake.message + where, [mistake.name]
         # Otherwise explain each wrong output by the first mistake that reproduces it.
+        mistake_outputs = {m.name: self._mistake_outputs(m, case) for m in self.mistakes}
+        unexplained = []
         for i in wrong:
             for mistake in self.mistakes:
                 outputs = mistake_outputs[mistake.name]
@@ -305,9 +490,45 @@ class OutputTask(Task):
                     names.append(mistake.name)
                     messages.append(mistake.message)
                 break
-        if names:
-            return "fail", " ".join(messages) + f" (test case: {case.description}).", names
-        # No known mistake matches: say which output is wrong and how.
+            else:
+                unexplained.append(i)
+        rounded = self._float32_rounding(case, got, expected, unexplained)
+        if rounded:
+            names.append("float32")
+            error = max(_largest_error(got[i], expected[i]) for i in rounded)
+            messages.append(FLOAT32_MESSAGE.format(
+                what=f"{_listing([self.outputs[i] for i in rounded])} "
+                     f"{'has' if len(rounded) == 1 else 'have'} the rounding errors of a float32 "
+                     f"computation (largest relative error {error:.2g})"))
+            unexplained = [i for i in unexplained if i not in rounded]
+        if unexplained:
+            messages.append(self._describe_outputs(got, expected, unexplained, low))
+        return " ".join(messages) + where, names
+
+    def _float32_rounding(self, case, got, expected, wrong) -> list[int]:
+        """The outputs among ``wrong`` whose error is that of a float32 computation: no more than
+        FLOAT32_ERROR_FACTOR times the error of the correct answer computed from float32 inputs."""
+        if self.collect or not wrong:
+            return []
+        inputs = {k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64
+                  else v for k, v in case.make().items()}
+        try:
+            returned = self.correct(*inputs.values())
+            single = split_outputs(returned, self.outputs)
+            in_float32 = [to_array(v, n) for v, n in zip(single, self.outputs)]
+        except Exception:  # a correct answer that insists on float64
+            return []
+        rounded = []
+        for i in wrong:
+            if got[i].shape != expected[i].shape or not np.all(np.isfinite(got[i])):
+                continue
+            scale = np.max(np.abs(in_float32[i] - expected[i]))
+            if 0 < np.max(np.abs(got[i] - expected[i])) <= FLOAT32_ERROR_FACTOR * scale:
+                rounded.append(i)
+        return rounded
+
+    def _describe_outputs(self, got, expected, wrong, low) -> str:
+        """Which outputs are right and which wrong, with the largest relative error of each."""
         details = []
         for i in wrong:
             g, e, n = got[i], expected[i], self.outputs[i]
@@ -317,5 +538,11 @@ class OutputTask(Task):
                 details.append(f"`{n}` contains NaN or inf")
             else:
                 details.append(f"`{n}` is wrong (largest relative error {_largest_error(g, e):.2g})")
-        return "fail", "; ".join(details) + f" (test case: {case.description}).", []
-
+        right = [n for i, n in enumerate(self.outputs)
+                 if i not in wrong and i not in low and _same(got[i], expected[i])]
+        text = "; ".join(details)
+        if right and not self.collect:
+            text = f"{_listing(right)} {'is' if len(right) == 1 else 'are'} right; " + text
+        elif right:
+            text += f"; {_listing(right)} {'is' if len(right) == 1 else 'are'} right"
+        return text[0].upper() + text[1:]

@@ -1,48 +1,24 @@
 """Grade a submitted exercise notebook: run it, then check every task of its chapter.
 
-The grader does not trust the notebook's own check cells (a student may have edited or deleted
-them). It executes the notebook with nbclient (kernel ``python3``, one thread, a timeout per cell,
-errors allowed so that one broken cell costs only its own tasks), then appends one cell that looks
-up each task's function by name in the kernel's namespace, checks it, and prints the results as
-JSON after the marker ``RESULT_MARKER``. The chapter's tasks, points and written questions come
-from the catalogue.
+The grader trusts nothing the notebook prints, stores or computes about itself: it runs the
+notebook in a sandbox (``sandbox``, ``submission``), then checks each task's function with its own
+checks, computing the verdict outside the submission's processes (``answers``). ``GradeReport``
+holds per-task points and diagnoses, written answers, cell errors, flags and the isolation used.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 
-import normcourse
-from normcourse.exercises.catalog import Chapter, chapter as find_chapter, tasks_for_chapter
-from normcourse.exercises.checks import RESULT_MIME
-from normcourse.exercises.diagnosis import Result
+from normcourse.exercises.catalog import CHAPTERS, Chapter, chapter
+from normcourse.exercises.diagnosis import points_text
 from normcourse.exercises.notebooks import ANSWER_PROMPT
+from normcourse.exercises.sandbox import Limits
 
-__all__ = ["GradeReport", "grade_notebook", "report_namespace", "RESULT_MARKER"]
-
-RESULT_MARKER = "NORMCOURSE-GRADE "
-
-
-def report_namespace(chapter: str, namespace: dict) -> None:
-    """Check each task of ``chapter`` with the function of that name in ``namespace``; print JSON.
-
-    This runs inside the graded notebook's kernel, as its last cell.
-    """
-    results = []
-    for task in tasks_for_chapter(chapter):
-        answer = namespace.get(task.function)
-        if answer is None:
-            result = Result(task.id, task.title, "fail", 0, task.points,
-                            f"no function `{task.function}` is defined in the notebook.")
-        else:
-            result = task.check(answer)
-        results.append(result.to_dict())
-    print(RESULT_MARKER + json.dumps(results))
+__all__ = ["GradeReport", "grade_notebook"]
 
 
 @dataclass
@@ -56,6 +32,9 @@ class GradeReport:
     cell_errors: list[str] = field(default_factory=list)
     check_cells: list[dict] = field(default_factory=list)  # what the notebook's own checks showed
     problem: str | None = None  # the notebook could not be run to the end
+    flags: list[str] = field(default_factory=list)  # attempts to fake a grade, solutions used
+    isolation: dict = field(default_factory=dict)  # the sandbox's limits and protections
+    error: str | None = None  # not graded at all (unreadable, unknown chapter)
 
     @property
     def points(self) -> int:
@@ -76,6 +55,9 @@ class GradeReport:
             "cell_errors": self.cell_errors,
             "check_cells": self.check_cells,
             "problem": self.problem,
+            "flags": self.flags,
+            "isolation": self.isolation,
+            "error": self.error,
         }
 
     def to_text(self) -> str:
@@ -83,8 +65,7 @@ class GradeReport:
         width = max((len(t["task"]) for t in self.tasks), default=0)
         for t in self.tasks:
             status = {"pass": "PASS", "fail": "FAIL", "not_implemented": "TODO"}[t["status"]]
-            lines.append(f"  {t['task']:<{width}}  {t['points']}/{t['max_points']}  {status:<4}  "
-                         f"{t['message']}")
+            lines.append(f"  {t['task']:<{width}}  {points_text(t)}  {status:<4}  {t['message']}")
         lines.append(f"  total: {self.points}/{self.max_points} points (auto-checked)")
         for w in self.written:
             state = "answered" if w["answered"] else "not answered"
@@ -93,11 +74,34 @@ class GradeReport:
             lines.append(f"  cell error: {error}")
         if self.problem:
             lines.append(f"  problem: {self.problem}")
+        for flag in self.flags:
+            lines.append(f"  FLAG: {flag}")
+        if self.error:
+            lines.append(f"  ERROR, not graded: {self.error}")
         return "\n".join(lines)
 
 
-def _chapter_of(notebook: nbformat.NotebookNode, path: Path) -> str:
-    return notebook.metadata.get("normcourse", {}).get("chapter") or path.stem
+def _chapter_of(notebook: nbformat.NotebookNode, path: Path) -> tuple[str, str | None]:
+    """(chapter slug, note): from the metadata, else inferred from the file name (noted).
+
+    An unknown chapter gives ("", the error message).
+    """
+    meta = notebook.metadata.get("normcourse", {})
+    given = meta.get("chapter") if isinstance(meta, dict) else None
+    found = [c.slug for c in CHAPTERS if c.slug in path.name]
+    try:
+        if given:
+            return chapter(str(given)).slug, None
+        if len(found) == 1:
+            return found[0], (f"the notebook's metadata has no chapter; {found[0]} inferred "
+                              "from the file name")
+        if found:
+            raise ValueError(f"the file name names several chapters: {', '.join(found)}")
+        slug = chapter(path.stem).slug  # raises, naming the chapters, unless a chapter key
+        return slug, f"the notebook's metadata has no chapter; {slug} inferred from the file name"
+    except ValueError as error:
+        where = "its metadata" if given else "its metadata (none) and file name"
+        return "", f"cannot tell which chapter this notebook belongs to from {where}: {error}"
 
 
 def _written_answers(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[dict]:
@@ -116,67 +120,36 @@ def _written_answers(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[
     return answers
 
 
-def _kernel_env() -> dict:
-    """The grading kernel's environment: one thread, and this normcourse importable."""
-    package_parent = str(Path(normcourse.__file__).resolve().parents[1])
-    path = os.environ.get("PYTHONPATH", "")
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": package_parent + (os.pathsep + path if path else ""),
-    }
+def grade_notebook(path: str | Path, timeout: int = 120, task_timeout: float = 60,
+                   limits: Limits | None = None, read_only: tuple[str, ...] = ()) -> GradeReport:
+    """Grade the notebook at ``path`` in a sandbox (``submission``); the file is not changed.
 
-
-def grade_notebook(path: str | Path, timeout: int = 120) -> GradeReport:
-    """Execute the notebook at ``path`` (a copy; the file is not changed) and grade it.
-
-    timeout: seconds allowed per cell. Never raises for a broken notebook: the problem is in the
-    report, and the tasks it prevented from being checked get 0 points.
+    timeout: seconds per cell of the notebook's run (a longer cell is interrupted, the next one
+    runs). task_timeout: seconds per task of the grader's checks. limits: the sandbox's resource
+    limits. read_only: folders the submission must not change (mounted read-only where this
+    machine allows). Never raises for a broken notebook: the problem is in the report; a notebook
+    whose chapter is unknown gets ``error`` set.
     """
-    from nbclient import NotebookClient  # imported here: only the grader needs it
+    from normcourse.exercises.submission import grade_submission
 
     path = Path(path)
-    notebook = nbformat.read(path, as_version=4)
-    chapter = _chapter_of(notebook, path)
-    report = GradeReport(str(path), chapter)
+    report = GradeReport(str(path), "")
     try:
-        report.written = _written_answers(notebook, find_chapter(chapter))
-    except ValueError as error:  # neither the metadata nor the file name names a chapter
-        report.problem = f"cannot tell which chapter this notebook belongs to: {error}"
+        notebook = nbformat.read(path, as_version=4)
+    except Exception as error:  # noqa: BLE001 - not JSON, not a notebook, unreadable
+        report.error = f"cannot read the notebook: {type(error).__name__}: {error}"
         return report
-    notebook.cells.append(nbformat.v4.new_code_cell(
-        "from normcourse.exercises.grading import report_namespace as _normcourse_report\n"
-        f"_normcourse_report({chapter!r}, globals())"
-    ))
-    client = NotebookClient(
-        notebook, timeout=timeout, kernel_name="python3", allow_errors=True,
-        resources={"metadata": {"path": str(path.parent.resolve())}},
-    )
-    try:
-        client.execute(env=_kernel_env())
-    except Exception as error:  # a timeout or a dead kernel: grade what can be graded (nothing)
-        report.problem = f"the notebook could not be run to the end: {type(error).__name__}: {error}"
-    for index, cell in enumerate(notebook.cells[:-1]):
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                report.cell_errors.append(f"cell {index}: {output['ename']}: {output['evalue']}")
-            elif RESULT_MIME in output.get("data", {}):
-                report.check_cells.append(dict(output["data"][RESULT_MIME]))
-    report.tasks = _parse_results(notebook.cells[-1])
-    if not report.tasks:
-        report.tasks = [
-            Result(t.id, t.title, "fail", 0, t.points, "not checked: the notebook did not run to "
-                   "the end.").to_dict()
-            for t in tasks_for_chapter(chapter)
-        ]
+    report.chapter, note = _chapter_of(notebook, path)
+    if not report.chapter:
+        report.error = report.problem = note
+        return report
+    if note:
+        report.flags.append(note)
+    report.written = _written_answers(notebook, chapter(report.chapter))
+    found = grade_submission(path, notebook, report.chapter, timeout=timeout,
+                             task_timeout=task_timeout, limits=limits, read_only=read_only)
+    for key, value in found.items():
+        setattr(report, key, value if key != "flags" else report.flags + value)
     return report
 
 
-def _parse_results(cell) -> list[dict]:
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "stream":
-            for line in output.get("text", "").splitlines():
-                if line.startswith(RESULT_MARKER):
-                    return json.loads(line[len(RESULT_MARKER):])
-    return []

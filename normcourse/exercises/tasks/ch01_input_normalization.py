@@ -61,6 +61,7 @@ STANDARDIZE_FIT = OutputTask(
     points=2,
     correct=reference.standardize_fit,
     outputs=("mean", "std"),
+    output_points=(1, 1),
     cases=(
         _fit_case("x_train of shape (12, 5) with a constant feature, eps=1e-3", 0),
         _fit_case("x_train of shape (12, 5) shifted by 1e7 (large mean, small spread)", 1, offset=1e7),

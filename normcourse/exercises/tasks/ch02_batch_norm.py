@@ -109,11 +109,6 @@ def _dgamma_from_x(dout, x, gamma, eps):
     return dx, (dout * x).sum(0), dbeta
 
 
-def _dgamma_dbeta_swapped(dout, x, gamma, eps):
-    dx, dgamma, dbeta = _backward_correct(dout, x, gamma, eps)
-    return dx, dbeta, dgamma
-
-
 def _sums_over_features(dout, x, gamma, eps):
     dx, _, _ = _backward_correct(dout, x, gamma, eps)
     xhat, _ = _parts(x, eps)
@@ -124,9 +119,10 @@ BATCHNORM_BACKWARD = OutputTask(
     id="02.batchnorm_backward",
     title="batch norm backward pass, training mode",
     function="batchnorm_backward",
-    points=3,
+    points=4,
     correct=_backward_correct,
     outputs=("dx", "dgamma", "dbeta"),
+    output_points=(2, 1, 1),
     cases=(_backward_case("x of shape (8, 5), random upstream gradient", 20),),
     mistakes=(
         Mistake("statistics_as_constants", "Your dx treats the batch mean and variance as "
@@ -140,8 +136,6 @@ BATCHNORM_BACKWARD = OutputTask(
                 "gradient reaching xhat is dout * gamma.", _no_gamma_in_dx),
         Mistake("dgamma_from_x", "dgamma must use the normalized input: sum(dout * xhat), not "
                 "sum(dout * x).", _dgamma_from_x),
-        Mistake("dgamma_dbeta_swapped", "dgamma and dbeta are swapped: dbeta = sum(dout), dgamma "
-                "= sum(dout * xhat).", _dgamma_dbeta_swapped),
         Mistake("sums_over_features", "dgamma and dbeta are summed over the features (axis=1); "
                 "gamma and beta are shared by the examples of the batch, so sum over axis=0.",
                 _sums_over_features),
@@ -166,6 +160,12 @@ def _spatial(x, gamma, beta, eps, axes, ddof=0):
     return per_channel_affine(normalized(x, axes, eps, ddof), gamma, beta)
 
 
+def _reshape_without_transpose(x, gamma, beta, eps):
+    """x.reshape(-1, C) on (N, C, H, W): the rows mix channels and positions."""
+    flat = x.reshape(-1, x.shape[1])
+    return (gamma * normalized(flat, 0, eps) + beta).reshape(x.shape)
+
+
 SPATIAL_BATCHNORM_FORWARD = OutputTask(
     id="02.spatial_batchnorm_forward",
     title="batch norm for images (N, C, H, W)",
@@ -188,6 +188,11 @@ SPATIAL_BATCHNORM_FORWARD = OutputTask(
         Mistake("unbiased_variance", "You normalized with the unbiased variance; use the biased "
                 "one (divide by N*H*W).",
                 lambda x, gamma, beta, eps: _spatial(x, gamma, beta, eps, (0, 2, 3), ddof=1)),
+        Mistake("reshape_without_transpose", "x.reshape(-1, C) on an (N, C, H, W) array does not "
+                "give one column per channel: reshape reads the values in memory order, so each "
+                "row mixes channels and positions. Move the channel axis last first: "
+                "x.transpose(0, 2, 3, 1).reshape(-1, C), and undo both afterwards (or reduce over "
+                "axis=(0, 2, 3) directly).", _reshape_without_transpose),
     ),
 )
 

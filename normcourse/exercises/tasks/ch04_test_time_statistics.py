@@ -7,6 +7,7 @@ import numpy as np
 from normcourse import reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, features, rng
+from normcourse.exercises.tasks._variants import rebinding_message
 
 EPS = 1e-5
 
@@ -61,6 +62,7 @@ UPDATE_RUNNING_STATS = OutputTask(
     points=2,
     correct=_update_correct,
     outputs=("new_mean", "new_var"),
+    output_points=(1, 1),
     cases=(
         _update_case("a batch of shape (8, 5), momentum = 0.1", 100, 0.1),
         _update_case("a batch of shape (8, 5), momentum = 0.3", 101, 0.3),
@@ -156,7 +158,9 @@ BATCHNORM_FORWARD = OutputTask(
     points=3,
     correct=_forward_correct,
     outputs=("out", "running_mean", "running_var"),
+    output_points=(1, 1, 1),
     collect=_collect_forward,
+    uses=(UPDATE_RUNNING_STATS,),
     mutable=("running_mean", "running_var"),
     cases=(
         _forward_case("training mode, x of shape (8, 5)", 110, True),
@@ -172,9 +176,7 @@ BATCHNORM_FORWARD = OutputTask(
                 "depend on the other examples in the batch.", _eval_batch_statistics),
         Mistake("updates_in_eval", "Your eval mode changed the running statistics; only "
                 "training steps update them.", _updates_in_eval),
-        Mistake("no_update", "The running statistics did not change in training mode. Update "
-                "them in place (running_mean[...] = ..., or *= and +=): `running_mean = ...` "
-                "only rebinds a local name.", _no_update),
+        Mistake("no_update", rebinding_message("running_mean", "running_var"), _no_update),
         Mistake("biased_running_var", "You stored the biased batch variance in running_var; "
                 "store the unbiased one, var * N / (N - 1), as PyTorch does.", _biased_running_var),
         Mistake("keras_momentum", KERAS_MESSAGE, _keras),
@@ -239,6 +241,7 @@ FOLD_BATCHNORM_INTO_LINEAR = OutputTask(
     points=2,
     correct=reference.fold_batchnorm_into_linear,
     outputs=("W2", "b2"),
+    output_points=(1, 1),
     cases=(
         _fold_case("W of shape (3, 4) with a bias b", 120, True),
         _fold_case("W of shape (3, 4) without bias (b=None)", 121, False),

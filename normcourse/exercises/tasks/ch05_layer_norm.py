@@ -103,9 +103,10 @@ LAYERNORM_BACKWARD = OutputTask(
     id="05.layernorm_backward",
     title="layer norm backward pass",
     function="layernorm_backward",
-    points=3,
+    points=4,
     correct=_backward_correct,
     outputs=("dx", "dgamma", "dbeta"),
+    output_points=(2, 1, 1),
     cases=(_backward_case("x of shape (6, 4), random upstream gradient", 210),),
     mistakes=(
         Mistake("statistics_as_constants", "Your dx treats each example's mean and variance as "
@@ -145,6 +146,12 @@ def _channels_over(x, gamma, beta, eps, axes):
     return per_channel_affine(normalized(x, axes, eps), gamma, beta)
 
 
+def _reshape_without_transpose(x, gamma, beta, eps):
+    """x.reshape(-1, C) on (N, C, H, W): each row mixes channels and positions."""
+    flat = x.reshape(-1, x.shape[1])
+    return (gamma * normalized(flat, -1, eps) + beta).reshape(x.shape)
+
+
 LAYERNORM_CHANNELS_FIRST = OutputTask(
     id="05.layernorm_channels_first",
     title="layer norm over the channels of an (N, C, H, W) image",
@@ -163,6 +170,11 @@ LAYERNORM_CHANNELS_FIRST = OutputTask(
         Mistake("per_channel_image", "You normalized each channel of each image over (H, W) "
                 "(instance norm); normalize over the channels, axis=1.",
                 lambda x, gamma, beta, eps: _channels_over(x, gamma, beta, eps, (2, 3))),
+        Mistake("reshape_without_transpose", "x.reshape(-1, C) on an (N, C, H, W) array does not "
+                "put one pixel's C channels in a row: reshape reads the values in memory order. "
+                "Move the channel axis last first, x.transpose(0, 2, 3, 1), normalize over the "
+                "last axis and transpose back (or reduce over axis=1 with keepdims=True).",
+                _reshape_without_transpose),
     ),
 )
 

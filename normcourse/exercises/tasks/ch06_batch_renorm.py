@@ -8,6 +8,7 @@ import torch
 from normcourse import functional, reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, features, rng
+from normcourse.exercises.tasks._variants import rebinding_message
 from normcourse.gradcheck import random_upstream
 
 EPS = 1e-5
@@ -36,12 +37,16 @@ def _r_d_correct(batch_mean, batch_std, running_mean, running_std, rmax, dmax):
 
 
 def _r_d(batch_mean, batch_std, running_mean, running_std, rmax, dmax, r_low=None, invert=False,
-         d_scale=None, d_sign=1.0, clip=True):
+         d_scale=None, d_sign=1.0, clip=True, swap_bounds=False):
     r = running_std / batch_std if invert else batch_std / running_std
     d = d_sign * (batch_mean - running_mean) / (running_std if d_scale is None else d_scale)
+    r_bounds = (1.0 / rmax if r_low is None else r_low, rmax)
+    d_bounds = (-dmax, dmax)
+    if swap_bounds:  # np.clip(a, high, low) returns `low` everywhere
+        r_bounds, d_bounds = r_bounds[::-1], d_bounds[::-1]
     if clip:
-        r = np.clip(r, 1.0 / rmax if r_low is None else r_low, rmax)
-        d = np.clip(d, -dmax, dmax)
+        r = np.clip(r, *r_bounds)
+        d = np.clip(d, *d_bounds)
     return r, d
 
 
@@ -52,6 +57,7 @@ RENORM_R_D = OutputTask(
     points=2,
     correct=_r_d_correct,
     outputs=("r", "d"),
+    output_points=(1, 1),
     cases=(_r_d_case("five features, some inside the limits and some clipped, rmax=2, dmax=1"),),
     mistakes=(
         Mistake("inverted_r", "r is the batch std over the running std, sigma_B / sigma: "
@@ -65,6 +71,9 @@ RENORM_R_D = OutputTask(
                 lambda bm, bs, rm, rs, rmax, dmax: _r_d(bm, bs, rm, rs, rmax, dmax, d_scale=bs)),
         Mistake("d_sign", "d = (mu_B - mu) / sigma: batch mean minus running mean.",
                 lambda *a: _r_d(*a, d_sign=-1.0)),
+        Mistake("clip_bounds_swapped", "np.clip(a, a_min, a_max) takes the lower bound first: "
+                "with the bounds swapped every value becomes the lower one. Use np.clip(r, "
+                "1 / rmax, rmax) and np.clip(d, -dmax, dmax).", lambda *a: _r_d(*a, swap_bounds=True)),
     ),
 )
 
@@ -121,6 +130,11 @@ def _knob(**knobs):
     return lambda *args: _renorm(*args, **knobs)
 
 
+def _no_update(x, gamma, beta, running_mean, running_std, training, rmax, dmax, momentum, eps):
+    return _renorm(x, gamma, beta, running_mean.copy(), running_std.copy(), training, rmax, dmax,
+                   momentum, eps)
+
+
 def _updates_in_eval(x, gamma, beta, running_mean, running_std, training, rmax, dmax, momentum,
                      eps):
     out = _renorm(x, gamma, beta, running_mean, running_std, training, rmax, dmax, momentum, eps)
@@ -136,7 +150,9 @@ BATCH_RENORM_FORWARD = OutputTask(
     points=3,
     correct=_forward_correct,
     outputs=("out", "running_mean", "running_std"),
+    output_points=(1, 1, 1),
     collect=_collect_forward,
+    uses=(RENORM_R_D,),
     mutable=("running_mean", "running_std"),
     cases=(
         _forward_case("training mode, x of shape (8, 5), rmax=1.5, dmax=0.5", 300, True),
@@ -158,6 +174,7 @@ BATCH_RENORM_FORWARD = OutputTask(
                 _knob(ignore_training=True)),
         Mistake("updates_in_eval", "Your eval mode changed the running statistics; only "
                 "training steps update them.", _updates_in_eval),
+        Mistake("no_update", rebinding_message("running_mean", "running_std"), _no_update),
     ),
 )
 
@@ -215,9 +232,11 @@ BATCH_RENORM_BACKWARD = OutputTask(
     id="06.batch_renorm_backward",
     title="batch renorm backward pass, training mode",
     function="batch_renorm_backward",
-    points=3,
+    points=4,
     correct=_backward_correct,
     outputs=("dx", "dgamma", "dbeta"),
+    output_points=(2, 1, 1),
+    uses=(RENORM_R_D,),
     cases=(_backward_case("x of shape (8, 4), r and d inside their limits", 310),),
     mistakes=(
         Mistake("through_r_d", "You differentiated through r and d; the paper treats them as "

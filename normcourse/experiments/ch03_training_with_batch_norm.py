@@ -1,8 +1,9 @@
 """Chapter 3's experiments: training the BN paper's MNIST network with and without batch norm.
 
-Every function returns ``normcourse.train.History`` objects (or plain dicts of numbers), so that the
-chapter plots what it gets and ``tests/test_claims_ch1_3.py`` asserts the chapter's claims over
-several seeds by calling the same functions with the same settings.
+Every function returns ``normcourse.train.History`` objects (or plain dicts of numbers), so that
+the chapter plots what it gets and ``tests/test_claims_ch1_3.py`` asserts the chapter's claims
+over several seeds by calling the same functions with the same settings. The data are the
+tensors of ``runner.mnist_tensors``; models come from ``runner.build_model``.
 
 The network is the paper's (Sec. 4.1): 784-100-100-100-10, sigmoid hidden units, batch 60,
 cross-entropy. The paper gives no optimizer or learning rate; we use plain SGD (no momentum) with
@@ -16,17 +17,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from normcourse import data as nc_data
-from normcourse import models, reference
+from normcourse import reference
+from normcourse.experiments.runner import MLP_SIZES, build_model, mnist_tensors, sweep
 from normcourse.gradcheck import rel_error
 from normcourse.train import ActivationProbe, History, train
-from normcourse.utils import seed_everything
+from normcourse.validation import check_choice
 
 __all__ = [
     "PAPER_SIZES",
     "BATCH_SIZE",
     "DEFAULT_LR",
-    "mnist_tensors",
     "train_mlp",
     "figure1",
     "percentile_drift",
@@ -36,19 +36,9 @@ __all__ = [
     "scale_invariance",
 ]
 
-PAPER_SIZES = (784, 100, 100, 100, 10)
+PAPER_SIZES = MLP_SIZES  # 784-100-100-100-10
 BATCH_SIZE = 60
 DEFAULT_LR = 0.5
-
-
-def mnist_tensors(mnist: nc_data.MNIST) -> tuple[torch.Tensor, ...]:
-    """(x_train (N, 784), y_train (N,), x_test (M, 784), y_test (M,)), float32 in [0, 1].
-
-    Converted once, so that the many runs of a sweep do not convert the images again each time.
-    """
-    x_train, y_train = nc_data.to_tensors(mnist.train_images, mnist.train_labels)
-    x_test, y_test = nc_data.to_tensors(mnist.test_images, mnist.test_labels)
-    return x_train, y_train, x_test, y_test
 
 
 def train_mlp(
@@ -71,9 +61,9 @@ def train_mlp(
         layer (unit 0 of ``model.act3``) over the test set at every evaluation, into
         ``history.probe_values[0]`` (the paper's Fig. 1(b, c)).
     """
-    seed_everything(seed)  # the initial weights; train() reseeds for the batch order
-    model = models.mlp(PAPER_SIZES, norm=norm, activation="sigmoid", norm_position=norm_position,
-                       init_scale=init_scale)
+    # seeded here for the initial weights; train() reseeds for the batch order
+    model = build_model(norm, seed=seed, sizes=PAPER_SIZES, activation="sigmoid",
+                        norm_position=norm_position, init_scale=init_scale)
     probes = [ActivationProbe(model.act3, unit=0, percentiles=(15, 50, 85))] if probe else []
     try:
         return train(model, tensors, steps=steps, batch_size=BATCH_SIZE, lr=lr, optimizer="sgd",
@@ -100,14 +90,11 @@ def figure1(
     """
     settings = {"none": ("none", "before"), "batch": ("batch", "before"),
                 "batch_after": ("batch", "after")}
-    histories = {}
     for variant in variants:
-        if variant not in settings:
-            raise ValueError(f"unknown variant {variant!r}; choose from {sorted(settings)}")
-        norm, position = settings[variant]
-        histories[variant] = train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr,
-                                       eval_every=eval_every, norm_position=position, probe=True)
-    return histories
+        check_choice(variant, tuple(settings), "variant")
+    runs = [(v, {"norm": settings[v][0], "norm_position": settings[v][1]}) for v in variants]
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, lr=lr,
+                                        eval_every=eval_every, probe=True, **kw), runs)
 
 
 def percentile_drift(history: History, window: int = 5) -> np.ndarray:
@@ -140,8 +127,8 @@ def lr_sweep(
     norms: Sequence[str] = ("none", "batch"),
 ) -> dict[tuple[str, float], History]:
     """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
-    return {(norm, lr): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr)
-            for norm in norms for lr in lrs}
+    runs = [((norm, lr), {"norm": norm, "lr": lr}) for norm in norms for lr in lrs]
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, **kw), runs)
 
 
 def init_scale_sweep(
@@ -157,9 +144,9 @@ def init_scale_sweep(
 
     Returns {(norm, scale): History}.
     """
-    return {(norm, scale): train_mlp(tensors, norm=norm, seed=seed, steps=steps, lr=lr,
-                                     init_scale=scale)
-            for norm in norms for scale in scales}
+    runs = [((norm, scale), {"norm": norm, "init_scale": scale})
+            for norm in norms for scale in scales]
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, lr=lr, **kw), runs)
 
 
 def scale_invariance(a: float, seed: int = 0, batch: int = 60, fan_in: int = 50, width: int = 20,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normcourse import reference
+from normcourse.validation import check_choice
 
 __all__ = [
     "RegressionProblem",
@@ -98,8 +99,7 @@ def whitening_fit(x_train: np.ndarray, kind: str = "zca", eps: float = 1e-8):
     ``W = U diag(s + eps)^(-1/2) U^T`` (rotate back, so the result stays closest to the input).
     Both give an identity covariance on the training set.
     """
-    if kind not in ("pca", "zca"):
-        raise ValueError(f"whitening kind must be 'pca' or 'zca', got {kind!r}")
+    check_choice(kind, ("pca", "zca"), "whitening kind")
     mean = x_train.mean(axis=0)
     centered = x_train - mean
     cov = centered.T @ centered / x_train.shape[0]

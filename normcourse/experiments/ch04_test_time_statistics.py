@@ -3,8 +3,8 @@
 What a batch-norm layer does when there is no batch to normalize over: population statistics
 (the BN paper's Algorithm 2) against exponential moving averages, recalibrating the statistics
 after training, what happens when ``eval()`` is forgotten, freezing batch norm for fine-tuning, and
-folding an eval-mode batch norm into the linear layer before it. The MLP experiments also serve
-chapters 5 and 6 (``train_classifier`` is the one training entry point for all three).
+folding an eval-mode batch norm into the linear layer before it. The classifiers are trained by
+``runner.train_classifier`` (``batchnorm_layers`` and ``ClassifierResult`` come from the runner).
 
 The chapter plots what these functions return and ``tests/test_claims_ch4_6.py`` asserts its claims
 by calling the same functions over several seeds.
@@ -14,25 +14,26 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from normcourse import models, reference
 from normcourse import nn as ncnn
-from normcourse.data import MNIST, to_tensors
-from normcourse.train import evaluate, evaluate_with_batch_statistics, train
-from normcourse.utils import one_thread, seed_everything
+from normcourse import reference
+from normcourse.experiments.runner import (
+    BATCHNORM_TYPES,
+    ClassifierResult,
+    batchnorm_layers,
+    mnist_tensors,
+    sweep,
+    train_classifier,
+)
+from normcourse.train import evaluate
+from normcourse.utils import one_thread, restoring_modes
 
 __all__ = [
-    "BATCHNORM_TYPES",
-    "ClassifierResult",
-    "batchnorm_layers",
-    "mnist_tensors",
-    "train_classifier",
     "algorithm2_statistics",
     "running_mean_traces",
     "recalibrate_batchnorm",
@@ -42,105 +43,6 @@ __all__ = [
     "freeze_batchnorm",
     "fold_batchnorm",
 ]
-
-# Both ours and torch's: every helper here works with either.
-BATCHNORM_TYPES = (ncnn.BatchNorm1d, ncnn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The batch-norm layers of ``model`` (ours and torch's), in registration order."""
-    return [m for m in model.modules() if isinstance(m, BATCHNORM_TYPES)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Training one classifier and measuring it in both modes
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class ClassifierResult:
-    """One trained classifier and its test accuracies.
-
-    eval_accuracy: eval mode (running statistics for batch norm / renorm).
-    batch_stats_accuracy: batch norm's statistics taken from test batches of the *training* batch
-        size, as in training (None for models without batch norm).
-    history: what ``normcourse.train.train`` returned (training-loss curve, ...).
-    """
-
-    norm: str
-    batch_size: int
-    seed: int
-    eval_accuracy: float
-    batch_stats_accuracy: float | None
-    history: object = field(repr=False)
-    model: nn.Module = field(repr=False)
-
-    @property
-    def train_eval_gap(self) -> float | None:
-        """|eval accuracy - accuracy with batch statistics| (None without batch norm)."""
-        if self.batch_stats_accuracy is None:
-            return None
-        return abs(self.eval_accuracy - self.batch_stats_accuracy)
-
-
-def mnist_tensors(data, test_examples: int | None = None) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test) from an ``MNIST``: images (N, 1, 28, 28) in [0, 1].
-
-    ``test_examples`` keeps only the first test examples (to save time). A tuple of four tensors
-    is passed through (cut the same way), so experiments can convert once and train many models.
-    """
-    if isinstance(data, MNIST):
-        x_train, y_train = to_tensors(data.train_images, data.train_labels, flatten=False)
-        x_test, y_test = to_tensors(data.test_images, data.test_labels, flatten=False)
-    else:
-        x_train, y_train, x_test, y_test = data
-    if test_examples is not None:
-        x_test, y_test = x_test[:test_examples], y_test[:test_examples]
-    return x_train, y_train, x_test, y_test
-
-
-@one_thread()
-def train_classifier(
-    data,
-    *,
-    norm: str,
-    batch_size: int,
-    steps: int,
-    lr: float,
-    seed: int,
-    optimizer: str = "adam",
-    sizes: Sequence[int] = (784, 100, 100, 100, 10),
-    activation: str = "relu",
-    architecture: str = "mlp",
-    sampler: Iterable | None = None,
-    renorm_kwargs: dict | None = None,
-    eval_every: int | None = None,
-    test_examples: int | None = None,
-) -> ClassifierResult:
-    """Train an MLP (or the small ConvNet) with ``norm`` and measure its test accuracy both ways.
-
-    data: an ``MNIST`` or the tuple ``mnist_tensors`` returns. ``sampler`` yields index arrays
-    into the training set (default: i.i.d. batches); pass ``normcourse.data.class_subset_batches``
-    for non-i.i.d. batches. ``eval_every``: steps between the points of the recorded curves
-    (default: only at the end). Deterministic given ``seed``: the same numbers in any process,
-    whatever ran before (the seeds are set here and the run is single-threaded).
-    """
-    tensors = mnist_tensors(data, test_examples)
-    seed_everything(seed)
-    if architecture == "mlp":
-        model = models.mlp(sizes, norm=norm, activation=activation, renorm_kwargs=renorm_kwargs)
-    elif architecture == "convnet":
-        model = models.convnet(norm=norm, activation=activation, renorm_kwargs=renorm_kwargs)
-    else:
-        raise ValueError(f"architecture must be 'mlp' or 'convnet', got {architecture!r}")
-    history = train(
-        model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed,
-        eval_every=eval_every or steps, sampler=sampler, progress=False,
-    )
-    _, _, x_test, y_test = tensors
-    eval_accuracy = evaluate(model, x_test, y_test)
-    batch_stats = None
-    if batchnorm_layers(model):
-        batch_stats = evaluate_with_batch_statistics(model, x_test, y_test, batch_size=batch_size)
-    return ClassifierResult(norm, batch_size, seed, eval_accuracy, batch_stats, history, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,22 +99,22 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, se
     (the training batch size: the statistics the layers saw in training), with ``momentum=None``,
     so that each layer's buffers become the *cumulative* average of its batch means and of its
     unbiased batch variances: exactly Algorithm 2 for equal-size batches. Gradients are off and
-    no parameter changes; momenta and train/eval modes are restored afterwards.
+    no parameter changes; momenta and train/eval modes are restored afterwards, also on error.
     """
     layers = batchnorm_layers(model)
-    was_training = {m: m.training for m in model.modules()}
     momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
-    model.train()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    for start in range(0, len(x) - batch_size + 1, batch_size):  # full batches only
-        model(x[order[start : start + batch_size]])
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
-    for module, training in was_training.items():
-        module.training = training
+    with restoring_modes(model):  # train/eval flags back even if a batch fails
+        try:
+            for layer in layers:
+                layer.reset_running_stats()
+                layer.momentum = None
+            model.train()
+            for start in range(0, len(x) - batch_size + 1, batch_size):  # full batches only
+                model(x[order[start : start + batch_size]])
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
     return model
 
 
@@ -231,10 +133,10 @@ def batch_size_sweep(
     """Train the batch-norm MLP (Adam, same steps and learning rate) once per batch size; each
     result holds the eval-mode accuracy and the accuracy with batch statistics of that size."""
     tensors = mnist_tensors(data, test_examples)
-    return [
-        train_classifier(tensors, norm="batch", batch_size=b, steps=steps, lr=lr, seed=seed)
-        for b in batch_sizes
-    ]
+    runs = [(i, {"batch_size": b}) for i, b in enumerate(batch_sizes)]
+    results = sweep(lambda **kw: train_classifier(tensors, norm="batch", steps=steps, lr=lr,
+                                                  seed=seed, **kw), runs)
+    return list(results.values())
 
 
 @one_thread()

@@ -15,12 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from normcourse import reference
-from normcourse.experiments.batch_renorm import compare_norms
-from normcourse.experiments.test_time import ClassifierResult, mnist_tensors, train_classifier
-from normcourse.utils import one_thread
+from normcourse.experiments.runner import (
+    ClassifierResult,
+    mnist_tensors,
+    sweep,
+    train_classifier,
+    train_norms,
+)
 from normcourse.recurrent import RecurrentClassifier
 from normcourse.train import History, evaluate, train
-from normcourse.utils import seed_everything
+from normcourse.utils import one_thread, seed_everything
+from normcourse.validation import check_choice
 
 __all__ = [
     "TRANSFORMS",
@@ -66,11 +71,10 @@ def normalized_summed_inputs(W: np.ndarray, X: np.ndarray, norm: str, eps: float
     exact up to rounding (with eps = 1e-5 they hold up to about eps / variance)."""
     a = X @ W.T
     ones, zeros = np.ones(a.shape[1]), np.zeros(a.shape[1])
+    check_choice(norm, ("batch", "layer"), "norm")
     if norm == "batch":
         return reference.batchnorm_forward(a, ones, zeros, training=True, eps=eps)[0]
-    if norm == "layer":
-        return reference.layernorm_forward(a, ones, zeros, eps=eps)[0]
-    raise ValueError(f"norm must be 'batch' or 'layer', got {norm!r}")
+    return reference.layernorm_forward(a, ones, zeros, eps=eps)[0]
 
 
 def _random_layer(seed: int, n: int = 16, d: int = 8, h: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -130,10 +134,9 @@ def batch_size_comparison(
     missing = [b for b in batch_sizes if b not in steps_for]
     if missing:
         raise ValueError(f"steps gives no step count for batch sizes {missing}")
-    return {
-        b: compare_norms(tensors, norms, batch_size=b, steps=steps_for[b], lr=lr, seed=seed, eval_every=eval_every)
-        for b in batch_sizes
-    }
+    runs = [(b, {"batch_size": b, "steps": steps_for[b]}) for b in batch_sizes]
+    return sweep(lambda **kw: train_norms(tensors, norms, lr=lr, seed=seed,
+                                          eval_every=eval_every, **kw), runs)
 
 
 def convnet_comparison(
@@ -150,11 +153,10 @@ def convnet_comparison(
     """``normcourse.models.convnet`` (two 3x3 conv blocks, 16 and 32 channels) with each norm,
     Adam; ``{norm: result}``. Layer norm normalizes each example over all of (C, H, W)."""
     tensors = mnist_tensors(data, test_examples)
-    return {
-        norm: train_classifier(tensors, norm=norm, architecture="convnet", batch_size=batch_size,
-                               steps=steps, lr=lr, seed=seed, eval_every=eval_every)
-        for norm in norms
-    }
+    runs = [(norm, {"norm": norm}) for norm in norms]
+    return sweep(lambda **kw: train_classifier(tensors, architecture="convnet",
+                                               batch_size=batch_size, steps=steps, lr=lr,
+                                               seed=seed, eval_every=eval_every, **kw), runs)
 
 
 @one_thread()
@@ -177,11 +179,12 @@ def recurrent_comparison(
     x_train, y_train, x_test, y_test = mnist_tensors(data, test_examples)
     rows = lambda x: x.reshape(len(x), 28, 28)  # noqa: E731  (N, 1, 28, 28) -> (N, T=28, 28)
     tensors = (rows(x_train[:train_examples]), y_train[:train_examples], rows(x_test), y_test)
-    results = {}
-    for norm in norms:
+
+    def run(norm: str) -> tuple[History, float]:
         seed_everything(seed)
         model = RecurrentClassifier(28, hidden_size, 10, norm=norm)
-        history = train(model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam",
-                        seed=seed, eval_every=eval_every, progress=False)
-        results[norm] = (history, evaluate(model, tensors[2], tensors[3]))
-    return results
+        history = train(model, tensors, steps=steps, batch_size=batch_size, lr=lr,
+                        optimizer="adam", seed=seed, eval_every=eval_every, progress=False)
+        return history, evaluate(model, tensors[2], tensors[3])
+
+    return sweep(run, [(norm, {"norm": norm}) for norm in norms])

@@ -1,0 +1,128 @@
+"""Tests of the experiment runner (normcourse.experiments.runner) and of chapter helpers that
+change a model's state (recalibration). The chapters' claims are in tests/test_claims_*.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from normcourse.data import load_mnist
+from normcourse.experiments import ch04_test_time_statistics as tt
+from normcourse.experiments import runner
+from normcourse.models import mlp
+from normcourse.nn import BatchRenorm1d
+from normcourse.utils import restoring_modes, seed_everything
+
+torch.set_num_threads(1)
+
+
+def bn_mlp() -> nn.Sequential:
+    seed_everything(0)
+    model = mlp(sizes=(8, 6, 6, 3), norm="batch", activation="relu")
+    model.norm1.momentum, model.norm2.momentum = 0.1, 0.3
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# utils.restoring_modes and recalibrate_batchnorm
+# ---------------------------------------------------------------------------------------------
+def test_restoring_modes_puts_every_flag_back_even_on_error():
+    model = bn_mlp().train()
+    model.norm1.eval()  # a layer frozen on its own
+    with pytest.raises(RuntimeError, match="boom"):
+        with restoring_modes(model):
+            model.eval()
+            assert not model.norm2.training
+            raise RuntimeError("boom")
+    assert model.training and not model.norm1.training and model.norm2.training
+
+
+def test_recalibrate_batchnorm_uses_cumulative_averages_and_restores_momenta_and_modes():
+    model = bn_mlp().eval()
+    model.norm2.train()
+    seen = []
+    model.norm1.register_forward_hook(lambda m, *_: seen.append((m.momentum, m.training)))
+    tt.recalibrate_batchnorm(model, torch.randn(40, 8), batch_size=10)
+    assert seen == [(None, True)] * 4  # four full batches, cumulative average, training mode
+    assert model.norm1.num_batches_tracked.item() == 4
+    assert (model.norm1.momentum, model.norm2.momentum) == (0.1, 0.3)
+    assert not model.training and not model.norm1.training and model.norm2.training
+
+
+def test_an_error_mid_recalibration_restores_momenta_and_modes():
+    model = bn_mlp().eval()
+    model.norm2.train()
+    calls = []
+
+    def fail_on_second_batch(module, inputs, output):
+        calls.append(module.momentum)
+        if len(calls) == 2:
+            raise RuntimeError("a batch failed")
+
+    handle = model.norm2.register_forward_hook(fail_on_second_batch)
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="a batch failed"):
+        tt.recalibrate_batchnorm(model, torch.randn(40, 8), batch_size=10)
+    handle.remove()
+    assert calls == [None, None]  # it did fail in the middle, with the momenta switched off
+    assert (model.norm1.momentum, model.norm2.momentum) == (0.1, 0.3)
+    assert not model.training and not model.norm1.training and model.norm2.training
+    assert [m.training for m in model.modules()] == modes
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------
+def test_mnist_tensors_has_one_shape_contract_and_passes_tuples_through():
+    x_train, y_train, x_test, y_test = runner.mnist_tensors(load_mnist(source="embedded"))
+    assert x_train.shape == (8000, 1, 28, 28) and x_test.shape == (2000, 1, 28, 28)
+    assert x_train.dtype == torch.float32 and 0 <= x_train.min() and x_train.max() <= 1
+    assert y_train.dtype == torch.long and y_train.shape == (8000,)
+    cut = runner.mnist_tensors((x_train, y_train, x_test, y_test), test_examples=100)
+    assert cut[0] is x_train and cut[1] is y_train
+    assert torch.equal(cut[2], x_test[:100]) and torch.equal(cut[3], y_test[:100])
+
+
+def test_build_model_is_seeded_and_checks_the_architecture():
+    first = runner.build_model("batch", seed=3)
+    second = runner.build_model("batch", seed=3)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    other = runner.build_model("batch", seed=4)
+    assert not torch.equal(first.fc1.weight, other.fc1.weight)
+    assert isinstance(runner.build_model("layer", architecture="convnet", seed=0)[0], nn.Conv2d)
+    with pytest.raises(ValueError, match="'mlp', 'convnet'"):
+        runner.build_model("batch", architecture="resnet")
+
+
+def test_sweep_runs_the_settings_in_order_and_keys_the_results():
+    calls = []
+
+    def run(a, b=0):
+        calls.append((a, b))
+        return a * 10 + b
+
+    assert runner.sweep(run, [("x", {"a": 1}), ("y", {"a": 2, "b": 5})]) == {"x": 10, "y": 25}
+    assert runner.sweep(run, {("z", 1): {"a": 3}}) == {("z", 1): 30}
+    assert calls == [(1, 0), (2, 5), (3, 0)]
+
+
+def test_train_norms_wires_the_scaled_renorm_schedule_and_fresh_samplers():
+    data = runner.mnist_tensors(load_mnist(source="embedded"), test_examples=50)
+    made = []
+
+    def sampler_for():
+        made.append(1)
+        return iter([torch.arange(8).numpy()] * 3)
+
+    results = runner.train_norms(data, ("renorm", "layer"), steps=3, batch_size=8, lr=1e-3,
+                                 seed=0, sampler_for=sampler_for)
+    assert list(results) == ["renorm", "layer"] and len(made) == 2
+    renorm = [m for m in results["renorm"].model.modules() if isinstance(m, BatchRenorm1d)]
+    schedule = runner.renorm_schedule(3)
+    assert renorm and all((m.warmup_steps, m.rmax_steps, m.dmax_steps) ==
+                          (schedule["warmup_steps"], schedule["rmax_steps"], schedule["dmax_steps"])
+                          for m in renorm)
+    assert results["renorm"].batch_stats_accuracy is None  # renorm is not batch norm
+    assert results["layer"].history.steps_done == 3

@@ -1,0 +1,339 @@
+"""The grader on untrusted submissions: a class folder of hostile notebooks and one honest one.
+
+One run of ``python -m normcourse grade FOLDER --jobs 3 --csv --json`` (module fixture) grades
+every notebook below, each in its own sandbox; each test asserts that one kind of attack was
+contained and reported, and that the honest notebook in the same run got full marks. The fork
+bomb runs only where the sandbox's process limit is enforced (a pids cgroup, or a non-root user
+for whom RLIMIT_NPROC counts); ``test_process_limit_holds`` checks that limit first with a small
+probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from normcourse.__main__ import main
+from normcourse.exercises.answers import _record, check_task, definitions
+from normcourse.exercises.catalog import TASKS, tasks_for_chapter
+from normcourse.exercises.checks import RESULT_MIME
+from normcourse.exercises.diagnosis import OutputTask
+from normcourse.exercises.sandbox import Limits, Sandbox, isolation
+
+ROOT = Path(__file__).resolve().parents[1]
+SLUG = "01_input_normalization"
+SOLUTION = nbformat.read(ROOT / "exercises" / "source" / f"{SLUG}.ipynb", as_version=4)
+STUDENT = nbformat.read(ROOT / "exercises" / f"{SLUG}.ipynb", as_version=4)
+TASK_IDS = [t.id for t in tasks_for_chapter(SLUG)]
+FULL = sum(t.points for t in tasks_for_chapter(SLUG))
+TIMEOUT = 40  # per cell: importing torch in a loaded 2-core machine can take 20 s
+FORK_BOMB = isolation()["process_limit_enforced"]
+
+
+def _with_cells(base, *sources, at=None, **metadata):
+    notebook = copy.deepcopy(base)
+    cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    at = len(notebook.cells) if at is None else at
+    notebook.cells[at:at] = cells
+    notebook.metadata["normcourse"].update(metadata)
+    return notebook
+
+
+def _function_cell(notebook, name):
+    return next(c for c in notebook.cells
+                if c.cell_type == "code" and c.source.startswith(f"def {name}("))
+
+
+def _cheater():
+    """Stubs, plus every way of faking a PASS: none may earn a mark, each is flagged."""
+    notebook = _with_cells(
+        STUDENT,
+        "def check(task_id, answer):  # the check cells now call this\n"
+        "    print(f'[PASS] {task_id}: all points')",
+        "import normcourse.exercises.diagnosis as diagnosis\n"
+        "diagnosis.OutputTask.diagnose = lambda self, answer: ('pass', 'Correct.', [])",
+        at=2)
+    notebook.cells += [nbformat.v4.new_code_cell(
+        "from normcourse.exercises import checks\n"
+        "checks.check('01.standardize', standardize)  # the real check, patched: displays PASS\n"
+        "print('[PASS] 01.standardize_fit (mean and std): 2/2 points. Correct.')")]
+    _function_cell(notebook, "largest_stable_lr").source = (
+        "def largest_stable_lr(x):\n"
+        "    import normcourse.exercises.diagnosis as d  # patches the answer process at run time\n"
+        "    d._same = lambda a, b: True\n"
+        "    d.OutputTask.diagnose = lambda self, answer: ('pass', 'Correct.', [])\n"
+        "    return 0.0")
+    # Edited outputs: the stored check output of the first task claims a pass.
+    check_cell = next(c for c in notebook.cells if "check(\"01.standardize_fit\"" in c.source)
+    check_cell.outputs = [nbformat.v4.new_output(
+        "display_data", data={"text/plain": "[PASS] 01.standardize_fit: 2/2 points.",
+                              RESULT_MIME: {"task": "01.standardize_fit", "status": "pass"}})]
+    return notebook
+
+
+def _resources(sentinel: Path, other: Path, port: int):
+    """The solution plus cells that hit every limit and try to destroy files."""
+    return _with_cells(
+        SOLUTION,
+        "x = bytearray(8 * 1024**3)  # beyond the address-space limit",
+        "with open('big.bin', 'wb') as f:\n    f.write(b'0' * (200 * 1024**2))  # beyond 64 MiB",
+        "while True:\n    print('spam ' * 200)",
+        "while True:\n    pass",
+        "raise ValueError('a check in a cell that is not a task')",
+        "import os, shutil\n"
+        "shutil.rmtree(os.path.expanduser('~'))\n"
+        "for name in os.listdir('.'):\n    os.remove(name)  # the notebook's copy too\n"
+        f"open({str(sentinel)!r}, 'w').write('overwritten')",
+        f"import os\nos.remove({str(other)!r})",
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=10)",
+    )
+
+
+def _task_limits():
+    """Right answers except: an endless loop, exit(), os._exit, and the package's solution."""
+    notebook = copy.deepcopy(SOLUTION)
+    del notebook.metadata["normcourse"]  # lost metadata: the chapter comes from the file name
+    _function_cell(notebook, "standardize_fit").source = (
+        "def standardize_fit(x_train, eps=1e-8):\n"
+        "    from normcourse.reference import standardize_fit as fit\n"
+        "    return fit(x_train, eps)")
+    _function_cell(notebook, "standardize").source = (
+        "def standardize(x, mean, std):\n    while True:\n        pass")
+    _function_cell(notebook, "standardize_backward").source = (
+        "def standardize_backward(dout, mean, std):\n    exit()")
+    _function_cell(notebook, "largest_stable_lr").source = (
+        "def largest_stable_lr(x):\n    import os\n    os._exit(3)")
+    return notebook
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("class")
+    sentinel = folder / "instructor_notes.txt"
+    sentinel.write_text("grades so far")
+    server = socket.create_server(("127.0.0.1", 0))  # a service of the grading machine
+    server.setblocking(False)
+    notebooks = {
+        "honest": SOLUTION,
+        "cheater": _cheater(),
+        "resources": _resources(sentinel, folder / "honest.ipynb", server.getsockname()[1]),
+        "killed": _with_cells(SOLUTION, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+                              at=2),
+        f"bob_{SLUG}": _task_limits(),
+    }
+    if FORK_BOMB:
+        notebooks["forkbomb"] = _with_cells(SOLUTION, "import os\nwhile True:\n    os.fork()")
+    for name, notebook in notebooks.items():
+        nbformat.write(notebook, folder / f"{name}.ipynb")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    gradebook = tmp_path_factory.mktemp("out") / "grades.csv"
+    out = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        status = main(["grade", str(folder), "--jobs", "3", "--json", "--csv", str(gradebook),
+                       "--timeout", str(TIMEOUT), "--task-timeout", "30", "--processes", "128",
+                       "--memory-mb", "3072"])
+    seconds = time.perf_counter() - start
+    reports = {Path(r["notebook"]).stem: r for r in json.loads(out.getvalue())}
+    try:
+        server.accept()
+        reached = True
+    except BlockingIOError:
+        reached = False
+    server.close()
+    return {"status": status, "reached_server": reached, "reports": reports, "folder": folder, "before": before,
+            "gradebook": gradebook, "seconds": seconds}
+
+
+def _flags(report) -> str:
+    return "\n".join(report["flags"])
+
+
+def test_every_submission_is_graded_and_the_honest_one_gets_full_marks(graded):
+    reports = graded["reports"]
+    assert graded["status"] == 0, {k: r["error"] for k, r in reports.items()}
+    assert len(reports) == (6 if FORK_BOMB else 5)
+    honest = reports["honest"]
+    assert honest["points"] == honest["max_points"] == FULL
+    assert honest["flags"] == [] and honest["cell_errors"] == [] and honest["problem"] is None
+    for report in reports.values():  # every task of every submission has a verdict
+        assert [t["task"] for t in report["tasks"]] == TASK_IDS
+    print(f"graded {len(reports)} notebooks in {graded['seconds']:.0f} s with 3 jobs")
+
+
+def test_faked_passes_earn_nothing_and_are_flagged(graded):
+    report = graded["reports"]["cheater"]
+    assert report["points"] == 0, report["tasks"]
+    flags = _flags(report)
+    assert "defines its own `check`" in flags
+    assert "assigns into `normcourse.exercises.diagnosis" in flags
+    assert "writes a verdict-like text" in flags
+    assert "the submitted file's outputs show PASS for 01.standardize_fit" in flags
+    # The patched checker really displayed PASS inside the notebook's own run.
+    assert "displayed PASS for 01.standardize while the grader ran it" in flags
+
+
+def test_limits_contain_memory_disk_output_and_loops(graded):
+    report = graded["reports"]["resources"]
+    assert report["points"] == FULL  # the answers are right; nothing the cells did changed that
+    errors = "\n".join(report["cell_errors"])
+    assert "MemoryError" in errors
+    assert "File too large" in errors or "OSError" in errors
+    assert errors.count("CellTimeoutError") == 2  # the output flood and the endless loop
+    assert "ValueError: a check in a cell that is not a task" in errors
+    assert "output truncated" in _flags(report)
+
+
+@pytest.mark.skipif(not isolation()["read_only_mounts"],
+                    reason="no mount namespace here: files outside the sandbox are not protected")
+def test_files_outside_the_sandbox_are_untouched(graded):
+    folder = graded["folder"]
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert after == graded["before"]
+    assert "Read-only file system" in "\n".join(graded["reports"]["resources"]["cell_errors"])
+
+
+@pytest.mark.skipif(not isolation()["own_network"],
+                    reason="no network namespace here: submissions can use the network")
+def test_submissions_cannot_reach_the_grading_machine(graded):
+    errors = "\n".join(graded["reports"]["resources"]["cell_errors"])
+    assert "ConnectionRefusedError" in errors or "OSError: [Errno 101]" in errors
+    assert not graded["reached_server"]
+
+
+def test_a_killed_kernel_costs_no_marks_for_right_answers(graded):
+    report = graded["reports"]["killed"]
+    assert "kernel died" in report["problem"]
+    assert report["points"] == FULL
+
+
+def test_each_task_has_its_own_limits_and_reference_use_is_flagged(graded):
+    report = graded["reports"][f"bob_{SLUG}"]
+    assert f"{SLUG} inferred from the file name" in _flags(report)
+    by_task = {t["task"]: t for t in report["tasks"]}
+    assert by_task["01.standardize_fit"]["status"] == "pass"
+    assert by_task["01.standardize_fit"]["uses_reference"].startswith("normcourse.reference")
+    assert "uses the package's own solution" in _flags(report)
+    assert "did not finish within 30 s" in by_task["01.standardize"]["message"]
+    assert "SystemExit" in by_task["01.standardize_backward"]["message"]
+    assert "died" in by_task["01.largest_stable_lr"]["message"]
+    assert report["points"] == 2
+
+
+@pytest.mark.skipif(not FORK_BOMB, reason="root without a writable pids cgroup: a fork bomb "
+                    "cannot be contained here (see the instructors' page)")
+def test_a_fork_bomb_is_contained_and_leaves_no_process(graded):
+    report = graded["reports"]["forkbomb"]
+    assert report["points"] == FULL
+    assert "reached the limit of 128 processes" in _flags(report)
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _in_a_sandbox(pid)]
+
+
+def _in_a_sandbox(pid: str) -> bool:
+    try:
+        return b"normcourse-grade-" in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def test_gradebook_has_one_row_per_submission(graded):
+    with open(graded["gradebook"], newline="") as f:
+        rows = {row["student"]: row for row in csv.DictReader(f)}
+    assert set(rows) == set(graded["reports"])
+    assert rows["honest"]["total"] == str(FULL) and rows["cheater"]["total"] == "0"
+    assert [rows["honest"][t] for t in TASK_IDS] == [str(t.points) for t in tasks_for_chapter(SLUG)]
+    assert "defines its own `check`" in rows["cheater"]["flags"]
+
+
+def test_process_limit_holds():
+    """A probe: 40 sleeping children under a limit of 16 processes; at most 16 start."""
+    if not FORK_BOMB:
+        pytest.skip("root without a writable pids cgroup: RLIMIT_NPROC is not enforced for root")
+    code = ("import subprocess, sys\nstarted = []\nfor _ in range(40):\n    try:\n"
+            "        started.append(subprocess.Popen(['sleep', '30']))\n"
+            "    except OSError:\n        break\nprint('started', len(started), flush=True)")
+    with Sandbox(Limits(processes=16)) as sandbox:
+        process = sandbox.start([shutil.which("python3") or "/usr/bin/python3", "-c", code])
+        out = process.communicate(timeout=60)[0].decode()
+    assert "started" in out
+    assert 0 < int(out.split("started")[1]) < 16
+
+
+def test_unknown_chapter_is_an_error(tmp_path, capsys):
+    notebook = copy.deepcopy(STUDENT)
+    del notebook.metadata["normcourse"]
+    nbformat.write(notebook, tmp_path / "mystery.ipynb")
+    assert main(["grade", str(tmp_path / "mystery.ipynb")]) == 1
+    assert "cannot tell which chapter" in capsys.readouterr().err
+    notebook.metadata["normcourse"] = {"chapter": "42_quantum"}
+    nbformat.write(notebook, tmp_path / "mystery.ipynb")
+    assert main(["grade", "--json", str(tmp_path)]) == 1
+    (report,) = json.loads(capsys.readouterr().out)
+    assert "unknown chapter" in report["error"]
+
+
+@pytest.mark.skipif(not shutil.which("docker") or subprocess.run(
+    ["docker", "info"], capture_output=True).returncode != 0,
+    reason="no container tool with a running daemon on this machine")
+def test_the_grading_image_builds(tmp_path):
+    recipe = tmp_path / "grader.Dockerfile"
+    assert main(["instructors", "--dockerfile", str(recipe)]) == 0
+    subprocess.run(["docker", "build", "-f", str(recipe), "-t", "normcourse-grader-test",
+                    str(ROOT)], check=True, timeout=1800)
+    version = subprocess.run(["docker", "run", "--rm", "--network", "none",
+                              "normcourse-grader-test", "--help"], capture_output=True, text=True)
+    assert "--task-timeout" in version.stdout
+
+
+# ---- the pieces, without a kernel -----------------------------------------------------------
+def test_only_definitions_reach_the_answer_process():
+    code = definitions([
+        "import numpy as np\nfrom normcourse import reference",
+        "EPS = 1e-5\nrate = np.float64(0.1)\nprint('PASS')\nreference.batchnorm_forward = None",
+        "%matplotlib inline\ndef f(x):\n    return x + EPS\nclass A:\n    pass",
+        "def broken(:",
+    ])
+    assert code.split("\n\n") == ["import numpy as np", "from normcourse import reference",
+                                  "EPS = 1e-05", "def f(x):\n    return x + EPS",
+                                  "class A:\n    pass"]
+
+
+def _stub(*args):
+    raise NotImplementedError("Write your solution here")
+
+
+ANSWERS = [(task, name, answer) for task in TASKS.values() if isinstance(task, OutputTask)
+           for name, answer in [("correct", task.correct), ("exit", lambda *a: exit()),
+                                ("stub", _stub), *[(m.name, m.answer) for m in task.mistakes]]]
+
+
+@pytest.mark.parametrize("task, name, answer", ANSWERS,
+                         ids=[f"{t.id}-{n}" for t, n, _ in ANSWERS])
+def test_a_verdict_from_recorded_outputs_equals_the_direct_check(task, name, answer):
+    """The grader's replay of the answer process's data gives the notebook's own verdict."""
+    record = json.loads(json.dumps(_record(task, {task.function: answer})))
+    replayed = check_task(task, record).to_dict()
+    if name == "exit":  # the notebook's check lets SystemExit through; the grader does not
+        assert replayed["status"] == "fail" and "raised SystemExit" in replayed["message"]
+        return
+    assert replayed == task.check(answer).to_dict()
+
+
+def test_missing_and_non_callable_answers():
+    task = TASKS["02.batchnorm_forward"]
+    assert "no function `batchnorm_forward` is defined" in check_task(
+        task, _record(task, {})).message
+    assert "is a int, not a function" in check_task(
+        task, _record(task, {"batchnorm_forward": 3})).message
