@@ -582,7 +582,7 @@ def _group_normalize(x, num_groups: int, eps: float):
     xhat: (N, G, M) with M = C/G * prod(*), rstd: (N, G, 1); the statistics dtype (float32 for
     half inputs). Differentiable: the Function's backward calls it again under autograd.
     """
-    xg = x.reshape(x.shape[0], num_groups, -1)
+    xg = x.reshape(x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)  # N may be 0
     centered, _, var = _centered_moments(xg, (2,))
     rstd = torch.rsqrt(var + eps)
     return centered * rstd, rstd
@@ -773,7 +773,7 @@ def _instance_norm(function, x, running_mean, running_var, weight, bias, use_inp
     if not use_input_stats:
         # the running statistics are constants: an affine map, as batch norm in eval mode
         return _batch_norm_forward(x, running_mean, running_var, weight, bias, False, 0.0, eps)[0]
-    if running_mean is not None:
+    if running_mean is not None and x.numel() > 0:  # an empty batch leaves them alone
         # torch's rule: the average over the batch of each instance's mean and unbiased variance
         _, mean, var = _centered_moments(x.detach(), tuple(range(2, x.ndim)))
         m = math.prod(x.shape[2:])

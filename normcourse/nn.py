@@ -40,6 +40,7 @@ from normcourse.validation import (
     check_layer_norm_input,
     check_rank,
     check_same_dtype,
+    ShapeError,
 )
 
 __all__ = [
@@ -329,7 +330,7 @@ class LayerNorm(_NotScriptable, nn.Module):
 # --------------------------------------------------------------------------------------------
 # Normalization without the batch (chapter 8)
 # --------------------------------------------------------------------------------------------
-class GroupNorm(nn.Module):
+class GroupNorm(_NotScriptable, nn.Module):
     """Group norm (Wu & He 2018), arguments and state_dict as torch.nn.GroupNorm.
 
     x: (N, C, *). The C channels form ``num_groups`` groups of C/G consecutive channels; each
@@ -366,6 +367,7 @@ class GroupNorm(nn.Module):
         layer = type(self).__name__
         check_group_norm_input(x, self.num_groups, self.weight, self.bias, layer)
         check_channels(x, self.num_channels, layer)
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
         return GroupNormFunction.apply(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -407,7 +409,7 @@ class _InstanceNorm(_ChannelNorm):
         channel_axis = x.ndim - self._no_batch_ndim
         if x.shape[channel_axis] != self.num_features:
             if self.affine or self.track_running_stats:
-                raise ValueError(
+                raise ShapeError(
                     f"{layer}(num_features={self.num_features}) got {x.shape[channel_axis]} "
                     f"channels in axis {channel_axis} of an input of shape {tuple(x.shape)}"
                 )
@@ -415,6 +417,10 @@ class _InstanceNorm(_ChannelNorm):
                 f"input's size at dim={channel_axis} does not match num_features. You can "
                 "silence this warning by not passing in num_features, which is not used "
                 "because affine=False", stacklevel=2)
+        # torch's instance norm silently mixes dtypes with its running statistics; ours
+        # refuses, as our batch norm does (tests/test_conformance.py: DELIBERATE)
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias,
+                         running_mean=self.running_mean, running_var=self.running_var)
         unbatched = x.ndim == self._no_batch_ndim
         out = instance_norm(
             x.unsqueeze(0) if unbatched else x, self.running_mean, self.running_var,
@@ -440,7 +446,7 @@ class InstanceNorm2d(_InstanceNorm):
     _no_batch_ndim = 3
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_NotScriptable, nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), arguments and state_dict as torch.nn.RMSNorm.
 
     x: (*, *normalized_shape); y = x / sqrt(mean(x^2) + eps) * weight over the trailing axes:
@@ -473,11 +479,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (*, *normalized_shape) -> same shape."""
         shape = check_layer_norm_input(x, self.normalized_shape, type(self).__name__)
+        check_same_dtype(x, type(self).__name__, weight=self.weight)  # torch mixes; see DELIBERATE
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         return RMSNormFunction.apply(x, shape, self.weight, eps)
 
 
-class WSConv2d(nn.Conv2d):
+class WSConv2d(_NotScriptable, nn.Conv2d):
     """A Conv2d whose weights are standardized per output filter (Qiao et al. 2019).
 
     Same arguments, parameters and state_dict as torch.nn.Conv2d, plus ``ws_eps`` (keyword
@@ -505,5 +512,6 @@ class WSConv2d(nn.Conv2d):
                 f"{layer}(in_channels={self.in_channels}) got {x.shape[-3]} channels in axis "
                 f"{x.ndim - 3} of an input of shape {tuple(x.shape)}"
             )
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
         weight = WeightStandardizationFunction.apply(self.weight, self.ws_eps)
         return self._conv_forward(x, weight, self.bias)
