@@ -8,7 +8,8 @@
   at several batch sizes with BN, GN, GN+WS, LN, WS alone and WS+BN; eval accuracy per run;
 - ``rms_versus_layer_norm``: an MLP with RMSNorm against the same MLP with LayerNorm.
 
-Only normcourse.train / data / models / reference are used (no other chapter's module).
+Built on the shared runner (``normcourse.experiments.runner``: the tensors and the loop over
+runs) and normcourse.train / models / reference; no other chapter's module.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from normcourse import reference
-from normcourse.data import MNIST, to_tensors
+from normcourse.experiments import runner
 from normcourse.models import convnet, mlp
-from normcourse.train import evaluate, train
+from normcourse.train import EvalOptions, evaluate, train
 from normcourse.utils import one_thread, seed_everything
 
 __all__ = [
@@ -52,15 +53,10 @@ CONFIGS: dict[str, dict] = {
 
 
 def mnist_tensors(data, train_examples: int | None = None, test_examples: int | None = None):
-    """(x_train, y_train, x_test, y_test) as float tensors, images (N, 1, 28, 28) in [0, 1],
-    cut to the first ``train_examples`` / ``test_examples``. A tuple of tensors passes through."""
-    if isinstance(data, MNIST):
-        x_train, y_train = to_tensors(data.train_images, data.train_labels, flatten=False)
-        x_test, y_test = to_tensors(data.test_images, data.test_labels, flatten=False)
-    else:
-        x_train, y_train, x_test, y_test = data
-    return (x_train[:train_examples], y_train[:train_examples],
-            x_test[:test_examples], y_test[:test_examples])
+    """``runner.mnist_tensors`` (images (N, 1, 28, 28) in [0, 1]; a tuple of tensors passes
+    through), with the training set also cut to its first ``train_examples``."""
+    x_train, y_train, x_test, y_test = runner.mnist_tensors(data, test_examples)
+    return x_train[:train_examples], y_train[:train_examples], x_test, y_test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,21 +166,22 @@ def batch_size_sweep(
     running statistics). Returns ``{(config, batch_size, seed): test accuracy}``.
     """
     tensors = mnist_tensors(data, train_examples, test_examples)
-    results = {}
-    for config in configs:
+
+    def run(config, b, seed):
         kwargs = dict(CONFIGS[config])
         if kwargs.get("norm") == "group":
             kwargs.setdefault("num_groups", num_groups)
-        for b in batch_sizes:
-            for seed in seeds:
-                seed_everything(seed)
-                model = convnet(channels=tuple(channels), **kwargs)
-                steps = max(1, examples // b)
-                train(model, tensors, steps=steps, batch_size=b, lr=lr * b / reference_batch,
-                      momentum=0.9, seed=seed, eval_every=steps, progress=False,
-                      train_eval_size=1)
-                results[config, b, seed] = evaluate(model, tensors[2], tensors[3])
-    return results
+        seed_everything(seed)
+        model = convnet(channels=tuple(channels), **kwargs)
+        steps = max(1, examples // b)
+        train(model, tensors, steps=steps, batch_size=b, lr=lr * b / reference_batch,
+              sgd_momentum=0.9, seed=seed, eval_every=steps, progress=False,
+              evaluation=EvalOptions(train_examples=1))
+        return evaluate(model, tensors[2], tensors[3])
+
+    settings = [((c, b, s), {"config": c, "b": b, "seed": s})
+                for c in configs for b in batch_sizes for s in seeds]
+    return runner.sweep(run, settings)
 
 
 def sweep_summary(results: Mapping[tuple[str, int, int], float]) -> dict[str, dict[int, tuple[float, float]]]:
@@ -213,12 +210,14 @@ def rms_versus_layer_norm(
     """The ReLU MLP 784-100-100-100-10 (Adam) with LayerNorm or RMSNorm before each ReLU;
     ``{(norm, seed): test accuracy}`` with norm in ("layer", "rms")."""
     tensors = mnist_tensors(data, train_examples, test_examples)
-    results = {}
-    for norm in ("layer", "rms"):
-        for seed in seeds:
-            seed_everything(seed)
-            model = mlp(norm=norm, activation="relu")
-            train(model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam",
-                  seed=seed, eval_every=steps, progress=False, train_eval_size=1)
-            results[norm, seed] = evaluate(model, tensors[2], tensors[3])
-    return results
+
+    def run(norm, seed):
+        seed_everything(seed)
+        model = mlp(norm=norm, activation="relu")
+        train(model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer="adam",
+              seed=seed, eval_every=steps, progress=False,
+              evaluation=EvalOptions(train_examples=1))
+        return evaluate(model, tensors[2], tensors[3])
+
+    return runner.sweep(run, [((n, s), {"norm": n, "seed": s}) for n in ("layer", "rms")
+                              for s in seeds])
