@@ -23,7 +23,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no window
 
-from normcourse.benchmarking import markdown_table, measure_bandwidth, plot_ratios, run_benchmarks
+from normcourse.benchmarking import (
+    format_rms_versus_layer_norm,
+    markdown_table,
+    measure_bandwidth,
+    plot_ratios,
+    rms_versus_layer_norm,
+    run_benchmarks,
+)
 
 
 def main(argv=None) -> None:
@@ -43,6 +50,10 @@ def main(argv=None) -> None:
         bandwidth = measure_bandwidth(device)
         print(f"# {name}: {machine}, {args.threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
         results = run_benchmarks(device, args.quick)
+        # chapter 8: what dropping layer norm's re-centring saves (operation counts and time)
+        rms_rows = rms_versus_layer_norm(device, quick=args.quick)
+        rms_table = format_rms_versus_layer_norm(rms_rows)
+        print("# RMSNorm vs LayerNorm, forward+backward\n" + rms_table)
         report = {
             "device": name,
             "machine": machine,
@@ -51,9 +62,11 @@ def main(argv=None) -> None:
             "copy_bandwidth_bytes_per_s": bandwidth,
             "quick": args.quick,
             "results": results,
+            "rms_versus_layer_norm": rms_rows,
         }
         (args.out / f"benchmark_{name}.json").write_text(json.dumps(report, indent=1))
         (args.out / f"benchmark_{name}.md").write_text(markdown_table(results))
+        (args.out / f"benchmark_{name}_rms_vs_layer_norm.md").write_text(rms_table)
         title = f"forward+backward time relative to torch ({name}, {args.threads} thread)"
         plot_ratios(results, title).savefig(args.out / f"benchmark_{name}.png", dpi=120)
         print(f"wrote {args.out}/benchmark_{name}.{{json,md,png}}")

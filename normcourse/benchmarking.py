@@ -28,7 +28,11 @@ import torch.nn.functional as tF
 from normcourse import functional as ncF
 from normcourse.progress import sweep, write
 
-LAYERS = ("batch_norm", "layer_norm", "batch_renorm")
+# The layers measured, in the order of the report (chapter 8's from LAYERS_WITHOUT_BATCH).
+LAYERS = ("batch_norm", "layer_norm", "batch_renorm",
+          "group_norm", "instance_norm", "rms_norm", "ws_conv")
+LAYERS_WITHOUT_BATCH = ("group_norm", "instance_norm", "rms_norm", "ws_conv")
+
 # (name, shape): (N, C) for fully connected layers, (N, C, H, W) for conv layers.
 SHAPES = [
     ("fc 256x512", (256, 512)),
@@ -47,6 +51,8 @@ def _channel_args(shape, device):
 
 def make_cases(layer: str, shape, device):
     """Return {variant: closure running one forward+backward}, and the input tensors."""
+    if layer in LAYERS_WITHOUT_BATCH:
+        return make_cases_without_batch(layer, shape, device)
     x = torch.randn(shape, device=device).requires_grad_()
     dy = torch.randn(shape, device=device)
     if layer == "layer_norm":
@@ -142,7 +148,8 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
     results = []
     repeats, min_time = (3, 0.01) if quick else (7, 0.2)
     compile = not quick if compile is None else compile
-    settings = sweep(product(LAYERS, SHAPES), f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
+    settings = [(layer, shape) for layer, shape in product(LAYERS, SHAPES) if applies(layer, shape[1])]
+    settings = sweep(settings, f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
     for layer, (shape_name, shape) in settings:
         torch.manual_seed(0)
         cases, ours, step = make_cases(layer, shape, device)
@@ -214,3 +221,114 @@ def plot_ratios(results, title: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 8: normalization without the batch
+# --------------------------------------------------------------------------------------------
+def applies(layer: str, shape) -> bool:
+    """Instance norm and the standardized convolution need spatial axes; the rest take any shape."""
+    return len(shape) > 2 or layer not in ("instance_norm", "ws_conv")
+
+
+def benchmark_groups(channels: int) -> int:
+    """The group count of the group-norm rows: 8 groups where C allows (32 in Wu & He's ResNets,
+    whose layers have 64 or more channels), else the largest divisor of C below 8."""
+    return math.gcd(channels, 8)
+
+
+def make_cases_without_batch(layer: str, shape, device):
+    """``make_cases`` for group norm, instance norm, RMSNorm and the weight-standardized conv.
+
+    Baselines: torch's ``F.group_norm``, ``F.instance_norm``, ``F.rms_norm`` (RMSNorm over the
+    trailing ``shape[1:]`` axes, as the layer-norm rows), and for ``ws_conv`` the plain 3x3
+    convolution ``F.conv2d`` with the same (C, C, 3, 3) weight: its ratio is the cost of
+    standardizing the weights, which has no torch op.
+    """
+    x = torch.randn(shape, device=device).requires_grad_()
+    dy = torch.randn(shape, device=device)
+    c = shape[1]
+    if layer == "rms_norm":
+        normalized = shape[1:]
+        weight = (torch.rand(normalized, device=device) + 0.5).requires_grad_()
+        bias = None
+        native = lambda: tF.rms_norm(x, normalized, weight, 1e-6)
+        ours = lambda: ncF.rms_norm(x, normalized, weight, 1e-6)
+        composed = lambda: ncF.rms_norm_autograd(x, normalized, weight, 1e-6)
+    elif layer == "ws_conv":
+        weight = (0.1 * torch.randn(c, c, 3, 3, device=device)).requires_grad_()
+        bias = None
+        native = lambda: tF.conv2d(x, weight, padding=1)
+        ours = lambda: tF.conv2d(x, ncF.weight_standardization(weight), padding=1)
+        composed = lambda: tF.conv2d(x, ncF.weight_standardization_autograd(weight), padding=1)
+    else:
+        weight, bias = _channel_args(shape, device)
+        groups = benchmark_groups(c) if layer == "group_norm" else c
+        native = (lambda: tF.group_norm(x, groups, weight, bias, 1e-5)) if layer == "group_norm" \
+            else (lambda: tF.instance_norm(x, None, None, weight, bias, True, 0.1, 1e-5))
+        ours = lambda: ncF.group_norm(x, groups, weight, bias, 1e-5)
+        composed = lambda: ncF.group_norm_autograd(x, groups, weight, bias, 1e-5)
+    params = [p for p in (x, weight, bias) if p is not None]
+
+    def step(fn):
+        def run():
+            for p in params:
+                p.grad = None
+            fn().backward(dy)
+        return run
+
+    return {"native": step(native), "function": step(ours), "autograd": step(composed)}, ours, step
+
+
+def count_operations(run) -> int:
+    """How many ATen operations one call of ``run`` dispatches (forward and backward together).
+
+    Counted with a ``TorchDispatchMode``, below autograd: the backward's operations count too,
+    views and in-place updates included. Exact and repeatable, unlike a time.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        run()
+    return Counter.count
+
+
+def rms_versus_layer_norm(device, shapes=None, quick: bool = True):
+    """RMSNorm against LayerNorm on the same shapes: operation counts and time ratios.
+
+    For each shape and each of torch's native op, our Function and the autograd composition:
+    ``ops`` (RMSNorm's, LayerNorm's ATen operation counts for forward+backward) and ``time_ratio``
+    (RMSNorm's median time / LayerNorm's). Dropping the re-centring removes a mean, a subtraction,
+    and their terms in the backward.
+    """
+    repeats, min_time = (3, 0.01) if quick else (7, 0.2)
+    rows = []
+    for shape_name, shape in shapes or SHAPES:
+        torch.manual_seed(0)
+        rms, _, _ = make_cases_without_batch("rms_norm", shape, device)
+        ln, _, _ = make_cases("layer_norm", shape, device)
+        row = {"shape": shape_name}
+        for variant in ("native", "function", "autograd"):
+            ops = (count_operations(rms[variant]), count_operations(ln[variant]))
+            times = [median_time(c[variant], device, repeats, min_time) for c in (rms, ln)]
+            row[variant] = {"ops": ops, "time_ratio": times[0] / times[1]}
+        rows.append(row)
+    return rows
+
+
+def format_rms_versus_layer_norm(rows) -> str:
+    """A markdown table of ``rms_versus_layer_norm``'s rows."""
+    variants = ("native", "function", "autograd")
+    lines = ["| shape | " + " | ".join(f"{v}: ops RMS / LN, time RMS / LN" for v in variants) + " |",
+             "|" + " --- |" * (1 + len(variants))]
+    for r in rows:
+        cells = [f"{r[v]['ops'][0]} / {r[v]['ops'][1]}, {r[v]['time_ratio']:.2f}x" for v in variants]
+        lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

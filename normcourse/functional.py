@@ -37,7 +37,11 @@ import torch
 
 from normcourse.validation import (
     check_channel_input,
+    check_channels,
+    check_floating,
+    check_groups,
     check_layer_norm_input,
+    check_rank,
     check_running_pair,
     check_same_dtype,
 )
@@ -55,6 +59,19 @@ __all__ = [
     "renorm_limits",
     "renorm_correction",
     "update_batch_norm_running_stats",
+    "GroupNormFunction",
+    "RMSNormFunction",
+    "WeightStandardizationFunction",
+    "group_norm",
+    "group_norm_autograd",
+    "instance_norm",
+    "instance_norm_autograd",
+    "rms_norm",
+    "rms_norm_autograd",
+    "weight_standardization",
+    "weight_standardization_autograd",
+    "check_group_norm_input",
+    "check_instance_norm_input",
 ]
 
 
@@ -548,3 +565,281 @@ def layer_norm_autograd(x, normalized_shape: int | Sequence[int], weight=None, b
     check_same_dtype(x, "layer_norm", weight=weight, bias=bias)
     return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]
 
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization without the batch (chapter 8): group norm, instance norm, RMSNorm, weight
+# standardization.
+#
+# Their backward passes are written with differentiable tensor operations and recompute the
+# statistics from the saved input (no @once_differentiable): autograd can differentiate the
+# backward itself, so double backward (gradient penalties, gradgradcheck) works. The price is
+# one more pass over x in the backward; the memory saved stays one tensor of x's size.
+# --------------------------------------------------------------------------------------------
+def _group_normalize(x, num_groups: int, eps: float):
+    """Return (xhat, rstd) of x: (N, C, *) split into num_groups groups of consecutive channels.
+
+    xhat: (N, G, M) with M = C/G * prod(*), rstd: (N, G, 1); the statistics dtype (float32 for
+    half inputs). Differentiable: the Function's backward calls it again under autograd.
+    """
+    xg = x.reshape(x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)  # N may be 0
+    centered, _, var = _centered_moments(xg, (2,))
+    rstd = torch.rsqrt(var + eps)
+    return centered * rstd, rstd
+
+
+def _group_norm_forward(x, num_groups, weight, bias, eps):
+    """y = gamma * xhat + beta with per-group statistics and per-channel gamma, beta."""
+    xhat, _ = _group_normalize(x, num_groups, eps)
+    xhat = xhat.view(x.shape)
+    gamma = None if weight is None else _per_channel(_cast(weight, xhat.dtype), x)
+    beta = None if bias is None else _per_channel(_cast(bias, xhat.dtype), x)
+    return _cast(_multiply_add(xhat, gamma, beta), x.dtype)
+
+
+def _sum_except_channels(t):
+    """(N, C, *) -> (C,): what a per-channel gamma or beta collects."""
+    return t.sum(_reduce_dims(t))
+
+
+def _group_norm_backward(needs, dy, x, weight, bias_dtype, num_groups, eps):
+    """dx, dgamma, dbeta of group norm; per (example, group), with g = dy * gamma and means over
+    the group's M values: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))."""
+    xhat, rstd = _group_normalize(x, num_groups, eps)
+    dy = _cast(dy, xhat.dtype)
+    dx = dweight = dbias = None
+    if needs[0]:
+        g = dy if weight is None else dy * _per_channel(_cast(weight, dy.dtype), x)
+        g = g.reshape(xhat.shape)
+        # in place on its own temporaries: fewer fresh tensors of x's size (each costs page
+        # faults on a CPU); autograd still differentiates every step
+        dx = (g - g.mean(2, keepdim=True)).addcmul_(xhat, (g * xhat).mean(2, keepdim=True),
+                                                    value=-1.0).mul_(rstd)
+        dx = _cast(dx.view(x.shape), x.dtype)
+    if needs[1]:
+        dweight = _cast(_sum_except_channels(dy * xhat.view(x.shape)), weight.dtype)
+    if needs[2]:
+        dbias = _cast(_sum_except_channels(dy), bias_dtype)
+    return dx, dweight, dbias
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """Group norm (Wu & He 2018) with the closed-form backward. x: (N, C, *); weight, bias: (C,).
+
+    Saves x and gamma only; the backward recomputes the group statistics with differentiable
+    operations, so the backward is itself differentiable (double backward works).
+    """
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.num_groups, ctx.eps = num_groups, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _group_norm_forward(x, num_groups, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        dx, dweight, dbias = _group_norm_backward(
+            needs, dy, x, weight, ctx.bias_dtype, ctx.num_groups, ctx.eps
+        )
+        return dx, None, dweight, dbias, None
+
+
+def _rms_normalize(x, normalized_shape, eps):
+    """Return (xhat, rstd): x / sqrt(mean(x^2) + eps) over the trailing axes, and 1 / that root."""
+    x = _cast(x, _stats_dtype(x))
+    dims = _normalized_dims(x, normalized_shape)
+    # the mean square of each row through a vector norm: one read, no squared copy of x stored
+    n = math.prod(normalized_shape)
+    rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / n + eps)
+    return x * rstd, rstd
+
+
+def _rms_norm_forward(x, normalized_shape, weight, eps):
+    xhat, _ = _rms_normalize(x, normalized_shape, eps)
+    return _cast(xhat if weight is None else xhat * _cast(weight, xhat.dtype), x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm (Zhang & Sennrich 2019) with the closed-form backward. x: (*, *normalized_shape).
+
+    Per row, with g = dy * gamma and the mean over the row: dx = rstd * (g - xhat * mean(g * xhat)),
+    layer norm's formula without the mean(g) term. Saves x and gamma; double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.normalized_shape, ctx.eps = tuple(normalized_shape), eps
+        return _rms_norm_forward(x, normalized_shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        xhat, rstd = _rms_normalize(x, ctx.normalized_shape, ctx.eps)
+        dy = _cast(dy, xhat.dtype)
+        dims = _normalized_dims(x, ctx.normalized_shape)
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            g = dy if weight is None else dy * _cast(weight, dy.dtype)
+            dx = _cast(rstd * (g - xhat * (g * xhat).mean(dims, keepdim=True)), x.dtype)
+        if ctx.needs_input_grad[2]:
+            rows = tuple(range(x.ndim - len(ctx.normalized_shape)))
+            dy_xhat = dy * xhat
+            dweight = _cast(dy_xhat.sum(rows) if rows else dy_xhat, weight.dtype)
+        return dx, None, dweight, None
+
+
+def _standardize_filters(w, eps):
+    """Return (w_hat, rstd): each output filter w[o] standardized over its fan-in (biased)."""
+    centered, _, var = _centered_moments(w.flatten(1), (1,))
+    rstd = torch.rsqrt(var + eps)
+    return centered * rstd, rstd
+
+
+class WeightStandardizationFunction(torch.autograd.Function):
+    """Weight standardization (Qiao et al. 2019) of w: (C_out, C_in, kh, kw) with the closed-form
+    backward: per filter, dw = rstd * (g - mean(g) - w_hat * mean(g * w_hat)), g = dw_hat."""
+
+    @staticmethod
+    def forward(ctx, w, eps):
+        ctx.save_for_backward(w)
+        ctx.eps = eps
+        return _cast(_standardize_filters(w, eps)[0].view(w.shape), w.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (w,) = ctx.saved_tensors
+        what, rstd = _standardize_filters(w, ctx.eps)
+        g = dout.reshape(what.shape)
+        dw = rstd * (g - g.mean(1, keepdim=True) - what * (g * what).mean(1, keepdim=True))
+        return _cast(dw.view(w.shape), w.dtype), None
+
+
+# --------------------------------------------------------------------------------------------
+# Chapter 8: input checks and public wrappers (signatures of torch.nn.functional)
+# --------------------------------------------------------------------------------------------
+def check_group_norm_input(x, num_groups, weight, bias, layer="group_norm") -> None:
+    """x: (N, C, *) floating, C divisible by num_groups, weight and bias (C,) when given."""
+    check_floating(x, layer)
+    check_rank(x, tuple(range(2, 9)), layer, "(N, C, *)")
+    check_groups(x.shape[1], num_groups, layer)
+    for count in _channel_counts(weight, bias):
+        check_channels(x, count, layer)
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps=1e-5):
+    """Group norm like ``torch.nn.functional.group_norm``, through ``GroupNormFunction``.
+
+    x: (N, C, *); weight, bias: (C,) or None. Statistics per example and group of C/G
+    consecutive channels; the same computation in training and evaluation.
+    """
+    check_group_norm_input(x, num_groups, weight, bias)
+    return GroupNormFunction.apply(x, num_groups, weight, bias, eps)
+
+
+def group_norm_autograd(x, num_groups: int, weight=None, bias=None, eps=1e-5):
+    """Same as ``group_norm``, but autograd differentiates the forward composition."""
+    check_group_norm_input(x, num_groups, weight, bias)
+    return _group_norm_forward(x, num_groups, weight, bias, eps)
+
+
+def check_instance_norm_input(x, running_mean, running_var, weight, bias, use_input_stats,
+                              layer="instance_norm") -> None:
+    """x: (N, C, *) floating with per-channel tensors of size C and, when normalizing with its
+    own statistics, more than one spatial value per instance (as torch)."""
+    check_running_pair(
+        running_mean, running_var, ("running_mean", "running_var"), layer,
+        None if use_input_stats else "when use_input_stats=False",
+    )
+    check_floating(x, layer)
+    check_rank(x, tuple(range(3, 9)), layer, "(N, C, L), (N, C, H, W) or (N, C, *)")
+    for count in _channel_counts(running_mean, running_var, weight, bias):
+        check_channels(x, count, layer)
+    if use_input_stats and math.prod(x.shape[2:]) <= 1:
+        raise ValueError(
+            "Expected more than 1 spatial element when training, got input size "
+            f"{tuple(x.shape)} in {layer}: each instance is normalized over its own positions"
+        )
+
+
+def _instance_norm(function, x, running_mean, running_var, weight, bias, use_input_stats,
+                   momentum, eps):
+    """Shared by ``instance_norm`` and ``instance_norm_autograd``; ``function`` normalizes with
+    the instance statistics (group norm with one channel per group)."""
+    check_instance_norm_input(x, running_mean, running_var, weight, bias, use_input_stats)
+    if not use_input_stats:
+        # the running statistics are constants: an affine map, as batch norm in eval mode
+        return _batch_norm_forward(x, running_mean, running_var, weight, bias, False, 0.0, eps)[0]
+    if running_mean is not None and x.numel() > 0:  # an empty batch leaves them alone
+        # torch's rule: the average over the batch of each instance's mean and unbiased variance
+        _, mean, var = _centered_moments(x.detach(), tuple(range(2, x.ndim)))
+        m = math.prod(x.shape[2:])
+        update_batch_norm_running_stats(running_mean, running_var, mean.mean(0), var.mean(0),
+                                        momentum, m)
+    return function(x, x.shape[1], weight, bias, eps)
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Instance norm like ``torch.nn.functional.instance_norm``. x: (N, C, *); the rest (C,).
+
+    use_input_stats=True: each (example, channel) normalized over its positions (through
+    ``GroupNormFunction`` with G = C); running statistics, when given, updated in place with the
+    batch average of the instance means and unbiased variances. False: the running statistics.
+    """
+    return _instance_norm(GroupNormFunction.apply, x, running_mean, running_var, weight, bias,
+                          use_input_stats, momentum, eps)
+
+
+def instance_norm_autograd(x, running_mean=None, running_var=None, weight=None, bias=None,
+                           use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Same as ``instance_norm``, but autograd differentiates the forward composition."""
+    return _instance_norm(_group_norm_forward, x, running_mean, running_var, weight, bias,
+                          use_input_stats, momentum, eps)
+
+
+def _rms_norm_args(x, normalized_shape, weight, eps, layer="rms_norm"):
+    normalized_shape = check_layer_norm_input(x, normalized_shape, layer)
+    if weight is not None and tuple(weight.shape) != normalized_shape:
+        raise ValueError(
+            f"{layer} expects weight of shape {normalized_shape}, got {tuple(weight.shape)}"
+        )
+    return normalized_shape, torch.finfo(x.dtype).eps if eps is None else eps
+
+
+def rms_norm(x, normalized_shape: int | Sequence[int], weight=None, eps=None):
+    """RMSNorm like ``torch.nn.functional.rms_norm``, through ``RMSNormFunction``.
+
+    x: (*, *normalized_shape); weight: normalized_shape or None. y = x / sqrt(mean(x^2) + eps)
+    * weight over the trailing axes; eps=None means ``torch.finfo(x.dtype).eps``.
+    """
+    normalized_shape, eps = _rms_norm_args(x, normalized_shape, weight, eps)
+    return RMSNormFunction.apply(x, normalized_shape, weight, eps)
+
+
+def rms_norm_autograd(x, normalized_shape: int | Sequence[int], weight=None, eps=None):
+    """Same as ``rms_norm``, but autograd differentiates the forward composition."""
+    normalized_shape, eps = _rms_norm_args(x, normalized_shape, weight, eps)
+    return _rms_norm_forward(x, normalized_shape, weight, eps)
+
+
+def _check_conv_weight(w, layer="weight_standardization"):
+    check_floating(w, layer)
+    check_rank(w, (3, 4, 5), layer, "(C_out, C_in, *kernel), e.g. (C_out, C_in, kh, kw)")
+
+
+def weight_standardization(w, eps=1e-5):
+    """w: (C_out, C_in, kh, kw) -> w_hat, each output filter standardized over its fan-in:
+    (w - mean) / sqrt(var + eps), biased variance (the paper's equation), through
+    ``WeightStandardizationFunction``."""
+    _check_conv_weight(w)
+    return WeightStandardizationFunction.apply(w, eps)
+
+
+def weight_standardization_autograd(w, eps=1e-5):
+    """Same as ``weight_standardization``, but autograd differentiates the composition."""
+    _check_conv_weight(w)
+    return _cast(_standardize_filters(w, eps)[0].view(w.shape), w.dtype)

@@ -14,6 +14,9 @@ last hidden sigmoid of the default MLP is ``model.act3``'s input.
 ``"renorm"``       ``normcourse.nn.BatchRenorm1d`` / ``BatchRenorm2d`` (``renorm_kwargs`` go to it)
 ``"torch_batch"``  ``torch.nn.BatchNorm1d`` / ``BatchNorm2d`` (to compare against ours)
 ``"torch_layer"``  ``torch.nn.LayerNorm``
+``"group"``        ``normcourse.nn.GroupNorm`` (``num_groups`` groups; convnet only, chapter 8)
+``"instance"``     ``normcourse.nn.InstanceNorm2d(affine=True)`` (convnet only; chapter 8)
+``"rms"``          ``normcourse.nn.RMSNorm`` over the same axes as ``"layer"`` (chapter 8)
 =================  ==============================================================================
 
 A linear or conv layer that feeds a batch norm or batch renorm has no bias: the norm subtracts the
@@ -32,9 +35,13 @@ from torch import nn
 from normcourse import nn as ncnn
 from normcourse.validation import check_choice
 
-__all__ = ["NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
+__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
 
 NORMS = ("none", "batch", "layer", "renorm", "torch_batch", "torch_layer")
+# chapter 8's norms: RMSNorm in both builders; group and instance norm in the convnet only
+# (instance norm needs feature maps)
+MLP_NORMS = NORMS + ("rms",)
+CONV_NORMS = NORMS + ("rms", "group", "instance")
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NORM_POSITIONS = ("before", "after")
 
@@ -42,7 +49,8 @@ NORM_POSITIONS = ("before", "after")
 _BATCH_NORMS = ("batch", "renorm", "torch_batch")
 
 
-def _norm_layer(norm: str, shape: tuple[int, ...], renorm_kwargs: dict | None) -> nn.Module:
+def _norm_layer(norm: str, shape: tuple[int, ...], renorm_kwargs: dict | None,
+                num_groups: int = 1) -> nn.Module:
     """The normalization layer for features of ``shape``: (C,) after a linear layer, (C, H, W)
     after a conv layer. Batch-type norms use C; layer norms normalize over the whole shape."""
     channels, spatial = shape[0], len(shape) > 1
@@ -56,11 +64,18 @@ def _norm_layer(norm: str, shape: tuple[int, ...], renorm_kwargs: dict | None) -
         return ncnn.LayerNorm(shape)
     if norm == "torch_layer":
         return nn.LayerNorm(shape)
+    if norm == "group":
+        return ncnn.GroupNorm(num_groups, channels)
+    if norm == "rms":
+        return ncnn.RMSNorm(shape)
+    if norm == "instance":
+        return ncnn.InstanceNorm2d(channels, affine=True)
     raise AssertionError(f"unhandled norm {norm!r}")  # names are checked by the builders
 
 
-def _check_common(norm: str, activation: str, renorm_kwargs: dict | None) -> None:
-    check_choice(norm, NORMS, "norm")
+def _check_common(norm: str, activation: str, renorm_kwargs: dict | None,
+                  norms: tuple[str, ...] = NORMS) -> None:
+    check_choice(norm, norms, "norm")
     check_choice(activation, tuple(ACTIVATIONS), "activation")
     if renorm_kwargs is not None and norm != "renorm":
         raise ValueError(f"renorm_kwargs are for norm='renorm', but norm={norm!r}")
@@ -97,7 +112,7 @@ def mlp(
         renorm_kwargs: keyword arguments for ``BatchRenorm1d`` (``rmax``, ``warmup_steps``, ...),
             only with ``norm="renorm"``.
     """
-    _check_common(norm, activation, renorm_kwargs)
+    _check_common(norm, activation, renorm_kwargs, MLP_NORMS)
     check_choice(norm_position, NORM_POSITIONS, "norm_position")
     sizes = tuple(sizes)
     if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
@@ -136,6 +151,8 @@ def convnet(
     in_channels: int = 1,
     image_size: int = 28,
     renorm_kwargs: dict | None = None,
+    num_groups: int = 4,
+    weight_standardization: bool = False,
 ) -> nn.Sequential:
     """A small ConvNet for MNIST: images (N, in_channels, image_size, image_size) -> logits (N, num_classes).
 
@@ -151,21 +168,29 @@ def convnet(
       W))``, with one gain and bias per unit (C*H*W of each), as the LN paper gives every hidden
       unit its own. ``nn.GroupNorm(1, C)`` computes the same statistics but shares the gain and
       bias within a channel. The LN paper (Sec. 6.7) reports that on ConvNets BN works better.
+    - group (chapter 8): per example, over each group of C / ``num_groups`` consecutive
+      channels and all positions; one gamma and beta per channel (Wu & He 2018).
+    - instance: per example and channel, over the H x W positions (affine, as in Wu & He's
+      comparison); the conv layer before it has no bias (the channel mean removes it).
+
+    ``weight_standardization=True`` makes every conv layer a ``normcourse.nn.WSConv2d`` (each
+    filter standardized over its fan-in, Qiao et al. 2019), with or without a norm after it.
     """
-    _check_common(norm, activation, renorm_kwargs)
+    _check_common(norm, activation, renorm_kwargs, CONV_NORMS)
     channels = tuple(channels)
     if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
         raise ValueError(f"channels must be one or more positive integers, got {channels}")
     if image_size < 2 ** len(channels):
         raise ValueError(f"image_size {image_size} is too small for {len(channels)} 2x2 poolings")
 
-    bias = norm not in _BATCH_NORMS
+    bias = norm not in _BATCH_NORMS + ("instance",)
+    conv = ncnn.WSConv2d if weight_standardization else nn.Conv2d
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     size, fan_in = image_size, in_channels
     for i, c in enumerate(channels, start=1):
-        layers[f"conv{i}"] = nn.Conv2d(fan_in, c, kernel_size=3, padding=1, bias=bias)
+        layers[f"conv{i}"] = conv(fan_in, c, kernel_size=3, padding=1, bias=bias)
         if norm != "none":
-            layers[f"norm{i}"] = _norm_layer(norm, (c, size, size), renorm_kwargs)
+            layers[f"norm{i}"] = _norm_layer(norm, (c, size, size), renorm_kwargs, num_groups)
         layers[f"act{i}"] = ACTIVATIONS[activation]()
         layers[f"pool{i}"] = nn.MaxPool2d(2)
         size, fan_in = size // 2, c

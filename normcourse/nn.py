@@ -16,19 +16,38 @@ of these modules (or of a model holding one) raises an error that points to ``to
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from normcourse.functional import (
     BatchNormFunction,
     BatchRenormFunction,
+    GroupNormFunction,
     LayerNormFunction,
+    RMSNormFunction,
+    WeightStandardizationFunction,
+    check_group_norm_input,
+    instance_norm,
     renorm_limits,
 )
-from normcourse.validation import check_channel_input, check_layer_norm_input, check_same_dtype
-from normcourse.sync_batch_norm import SyncBatchNorm  # noqa: F401  (re-exported, chapter 10)
+from normcourse.validation import (
+    check_channel_input,
+    check_channels,
+    check_floating,
+    check_groups,
+    check_layer_norm_input,
+    check_rank,
+    check_same_dtype,
+    ShapeError,
+)
+from normcourse.sync_batch_norm import SyncBatchNorm  # chapter 10; re-exported
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d",
+    "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "RMSNorm", "WSConv2d", "SyncBatchNorm",
+]
 
 
 class _NotScriptable:
@@ -307,3 +326,193 @@ class LayerNorm(_NotScriptable, nn.Module):
         check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
         return LayerNormFunction.apply(x, normalized_shape, self.weight, self.bias, self.eps)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization without the batch (chapter 8)
+# --------------------------------------------------------------------------------------------
+class GroupNorm(_NotScriptable, nn.Module):
+    """Group norm (Wu & He 2018), arguments and state_dict as torch.nn.GroupNorm.
+
+    x: (N, C, *). The C channels form ``num_groups`` groups of C/G consecutive channels; each
+    example normalizes each group with its own mean and biased variance, then every channel gets
+    its own ``weight`` (gamma, init 1) and ``bias`` (beta, init 0). No buffers: the same
+    computation in training and evaluation, any batch size. G = 1: layer norm over (C, *) with
+    per-channel affine; G = C: instance norm. Unlike torch with ``affine=False``, an input whose
+    channel count differs from ``num_channels`` is an error here.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None,
+                 *, bias=True):
+        super().__init__()
+        check_groups(num_channels, num_groups, type(self).__name__)
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps, self.affine = eps, affine
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_channels, **factory)) if affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, *) -> same shape."""
+        layer = type(self).__name__
+        check_group_norm_input(x, self.num_groups, self.weight, self.bias, layer)
+        check_channels(x, self.num_channels, layer)
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
+        return GroupNormFunction.apply(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _InstanceNorm(_ChannelNorm):
+    """Instance norm (Ulyanov et al. 2016) with torch.nn.InstanceNorm's arguments and semantics.
+
+    Each channel of each example is normalized over its own positions. The defaults differ from
+    batch norm's: ``affine=False`` and ``track_running_stats=False`` (then there are no buffers
+    and evaluation uses the instance statistics too). With ``track_running_stats=True``,
+    training updates ``running_mean`` / ``running_var`` with the batch average of the instance
+    means and unbiased variances (momentum as in batch norm; ``momentum=None`` means 0 here, no
+    update, as in torch) and evaluation normalizes with them. ``num_batches_tracked`` is
+    registered for state_dict compatibility but, as in torch, never incremented. An input
+    without the batch axis, (C, L) or (C, H, W), is normalized as a batch of one.
+    """
+
+    _version = 2
+    _spread_name = "running_var"
+    _no_batch_ndim = 0
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, bias, device, dtype)
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self._register_running_stats(device, dtype)
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.reset_parameters()
+
+    extra_repr = _BatchNorm.extra_repr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, *spatial) or (C, *spatial) -> same shape."""
+        layer = type(self).__name__
+        check_floating(x, layer)
+        check_rank(x, self._input_ndims, layer, self._input_layouts)
+        channel_axis = x.ndim - self._no_batch_ndim
+        if x.shape[channel_axis] != self.num_features:
+            if self.affine or self.track_running_stats:
+                raise ShapeError(
+                    f"{layer}(num_features={self.num_features}) got {x.shape[channel_axis]} "
+                    f"channels in axis {channel_axis} of an input of shape {tuple(x.shape)}"
+                )
+            warnings.warn(  # torch's behaviour: num_features is unused without affine or stats
+                f"input's size at dim={channel_axis} does not match num_features. You can "
+                "silence this warning by not passing in num_features, which is not used "
+                "because affine=False", stacklevel=2)
+        # torch's instance norm silently mixes dtypes with its running statistics; ours
+        # refuses, as our batch norm does (tests/test_conformance.py: DELIBERATE)
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias,
+                         running_mean=self.running_mean, running_var=self.running_var)
+        unbatched = x.ndim == self._no_batch_ndim
+        out = instance_norm(
+            x.unsqueeze(0) if unbatched else x, self.running_mean, self.running_var,
+            self.weight, self.bias, self.training or not self.track_running_stats,
+            0.0 if self.momentum is None else self.momentum, self.eps,
+        )
+        return out.squeeze(0) if unbatched else out
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance norm over (N, C, L) inputs (or (C, L) without the batch axis)."""
+
+    _input_ndims = (2, 3)
+    _input_layouts = "(N, C, L) or (C, L)"
+    _no_batch_ndim = 2
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance norm over (N, C, H, W) inputs (or (C, H, W) without the batch axis)."""
+
+    _input_ndims = (3, 4)
+    _input_layouts = "(N, C, H, W) or (C, H, W)"
+    _no_batch_ndim = 3
+
+
+class RMSNorm(_NotScriptable, nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), arguments and state_dict as torch.nn.RMSNorm.
+
+    x: (*, *normalized_shape); y = x / sqrt(mean(x^2) + eps) * weight over the trailing axes:
+    layer norm without the re-centring and without a bias. ``eps=None`` (the default) means
+    ``torch.finfo(x.dtype).eps``, decided at each call from the input's dtype.
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
+                 dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (*, *normalized_shape) -> same shape."""
+        shape = check_layer_norm_input(x, self.normalized_shape, type(self).__name__)
+        check_same_dtype(x, type(self).__name__, weight=self.weight)  # torch mixes; see DELIBERATE
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return RMSNormFunction.apply(x, shape, self.weight, eps)
+
+
+class WSConv2d(_NotScriptable, nn.Conv2d):
+    """A Conv2d whose weights are standardized per output filter (Qiao et al. 2019).
+
+    Same arguments, parameters and state_dict as torch.nn.Conv2d, plus ``ws_eps`` (keyword
+    only). The stored ``weight`` is the free parameter; each forward convolves with
+    w_hat = (w - mean) / sqrt(var + ws_eps), mean and biased variance over each filter's
+    C_in/groups * kh * kw weights (``WeightStandardizationFunction``). Meant to be followed by
+    a normalization layer (group norm, batch norm): w_hat fixes the scale of the output only
+    up to the input's.
+    """
+
+    def __init__(self, *args, ws_eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ws_eps = ws_eps
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ws_eps={self.ws_eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C_in, H, W) or (C_in, H, W) -> (N, C_out, H', W')."""
+        layer = type(self).__name__
+        check_floating(x, layer)
+        check_rank(x, (3, 4), layer, "(N, C_in, H, W) or (C_in, H, W)")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"{layer}(in_channels={self.in_channels}) got {x.shape[-3]} channels in axis "
+                f"{x.ndim - 3} of an input of shape {tuple(x.shape)}"
+            )
+        check_same_dtype(x, layer, weight=self.weight, bias=self.bias)
+        weight = WeightStandardizationFunction.apply(self.weight, self.ws_eps)
+        return self._conv_forward(x, weight, self.bias)

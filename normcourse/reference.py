@@ -23,6 +23,7 @@ from normcourse.validation import (
     check_channels,
     check_finite,
     check_floating,
+    check_groups,
     check_normalized_shape,
     check_rank,
     check_running_pair,
@@ -42,6 +43,16 @@ __all__ = [
     "batch_renorm_forward",
     "batch_renorm_backward",
     "fold_batchnorm_into_linear",
+    "groupnorm_forward",
+    "groupnorm_backward",
+    "groupnorm_backward_closed_form",
+    "instancenorm_forward",
+    "rmsnorm_forward",
+    "rmsnorm_backward",
+    "rmsnorm_backward_closed_form",
+    "weight_standardize_forward",
+    "weight_standardize_backward",
+    "weight_standardize_backward_closed_form",
 ]
 
 
@@ -442,3 +453,224 @@ def fold_batchnorm_into_linear(W, b, gamma, beta, running_mean, running_var, eps
     W2 = scale[:, None] * W                        # scales row j of W, i.e. output unit j
     b2 = scale * (b - running_mean) + beta
     return W2, b2
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization without the batch (chapter 8): group norm (instance norm and layer norm as its
+# extremes), RMSNorm and weight standardization. Statistics per example, never over the batch.
+# --------------------------------------------------------------------------------------------
+def _validate_groupnorm(x, gamma, beta, num_groups, layer: str) -> None:
+    check_floating(x, layer)
+    check_rank(x, (3, 4, 5), layer, "(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+    num_features = _check_feature_vector(gamma, "gamma", layer)
+    check_channels(x, num_features, layer)
+    _check_parameter_shape(beta, "beta", (num_features,), layer)
+    check_groups(num_features, num_groups, layer)
+    check_finite(x, layer)
+
+
+def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
+    """Group normalization (Wu & He 2018) of x: (N, C, *spatial); gamma, beta: (C,).
+
+    The C channels are split into ``num_groups`` groups of C/G consecutive channels; each example
+    normalizes each group over its M = C/G * prod(spatial) values (mean, biased variance), then
+    every channel gets its own gamma and beta. G = 1 is layer norm over (C, *spatial) with
+    per-channel affine; G = C is instance norm. No batch axis in any statistic: the same
+    computation in training and evaluation, and a batch of one is fine.
+    Returns out (shape of x) and the cache.
+    """
+    _validate_groupnorm(x, gamma, beta, num_groups, "groupnorm_forward")
+    n = x.shape[0]
+    channel = (1, -1) + (1,) * (x.ndim - 2)        # gamma, beta broadcast as (1, C, 1, ...)
+
+    xg = x.reshape(n, num_groups, -1)              # (N, G, M)  one row per (example, group)
+    mu = xg.mean(axis=2, keepdims=True)            # (N, G, 1)
+    xmu = xg - mu                                  # (N, G, M)
+    sq = xmu ** 2                                  # (N, G, M)
+    var = sq.mean(axis=2, keepdims=True)           # (N, G, 1)  biased variance of the group
+    std = np.sqrt(var + eps)                       # (N, G, 1)
+    invstd = 1.0 / std                             # (N, G, 1)
+    xhatg = xmu * invstd                           # (N, G, M)
+    xhat = xhatg.reshape(x.shape)                  # (N, C, *spatial)  back to channels
+    scaled = gamma.reshape(channel) * xhat         # (N, C, *spatial)  one gamma per channel
+    out = scaled + beta.reshape(channel)           # (N, C, *spatial)
+
+    cache = {"gamma": gamma, "channel": channel, "xmu": xmu, "std": std, "invstd": invstd,
+             "xhat": xhat, "xhatg": xhatg}
+    return out, cache
+
+
+def groupnorm_backward(dout, cache):
+    """Staged backward of ``groupnorm_forward``, its lines in reverse.
+
+    dout: (N, C, *spatial). Returns dx (like dout), dgamma: (C,), dbeta: (C,).
+    """
+    gamma, channel, xmu, std, invstd, xhat = (
+        cache[k] for k in ("gamma", "channel", "xmu", "std", "invstd", "xhat"))
+    not_channel = (0,) + tuple(range(2, dout.ndim))
+    m = xmu.shape[2]
+
+    dbeta = dout.sum(axis=not_channel)             # out = scaled + beta
+    dscaled = dout                                 # out = scaled + beta
+    dgamma = (dscaled * xhat).sum(axis=not_channel)  # scaled = gamma * xhat
+    dxhat = dscaled * gamma.reshape(channel)       # scaled = gamma * xhat
+    dxhatg = dxhat.reshape(xmu.shape)              # xhat = xhatg.reshape(x.shape)
+    dinvstd = (dxhatg * xmu).sum(axis=2, keepdims=True)  # xhatg = xmu * invstd
+    dxmu = dxhatg * invstd                         # xhatg = xmu * invstd   (first use of xmu)
+    dstd = -dinvstd / std ** 2                     # invstd = 1.0 / std
+    dvar = 0.5 * dstd / std                        # std = np.sqrt(var + eps)
+    dsq = np.ones_like(xmu) * dvar / m             # var = sq.mean(axis=2)
+    dxmu = dxmu + 2.0 * xmu * dsq                  # sq = xmu ** 2          (second use of xmu)
+    dxg = dxmu.copy()                              # xmu = xg - mu
+    dmu = -dxmu.sum(axis=2, keepdims=True)         # xmu = xg - mu          (mu is broadcast)
+    dxg = dxg + np.ones_like(dxg) * dmu / m        # mu = xg.mean(axis=2)
+    dx = dxg.reshape(dout.shape)                   # xg = x.reshape(n, num_groups, -1)
+    return dx, dgamma, dbeta
+
+
+def groupnorm_backward_closed_form(dout, cache):
+    """Per (example, group), with g = dout * gamma and means over the group's M values:
+
+        dx = invstd * (g - mean(g) - xhat * mean(g * xhat))
+
+    the layer-norm formula applied to each group. Returns dx, dgamma: (C,), dbeta: (C,).
+    """
+    gamma, channel, invstd, xhat, xhatg = (
+        cache[k] for k in ("gamma", "channel", "invstd", "xhat", "xhatg"))
+    not_channel = (0,) + tuple(range(2, dout.ndim))
+    dbeta = dout.sum(axis=not_channel)
+    dgamma = (dout * xhat).sum(axis=not_channel)
+    g = (dout * gamma.reshape(channel)).reshape(xhatg.shape)       # (N, G, M)
+    dxg = invstd * (g - g.mean(axis=2, keepdims=True)
+                    - xhatg * (g * xhatg).mean(axis=2, keepdims=True))
+    return dxg.reshape(dout.shape), dgamma, dbeta
+
+
+def instancenorm_forward(x, gamma, beta, eps=1e-5):
+    """Instance normalization (Ulyanov et al. 2016): group norm with one channel per group.
+
+    x: (N, C, *spatial); gamma, beta: (C,). Each channel of each example is normalized over its
+    spatial positions. Returns out and the cache (use ``groupnorm_backward``).
+    """
+    return groupnorm_forward(x, gamma, beta, num_groups=np.shape(gamma)[0], eps=eps)
+
+
+def rmsnorm_forward(x, gamma, eps=None):
+    """RMSNorm (Zhang & Sennrich 2019), x: (..., *gamma.shape); gamma: the normalized shape.
+
+    out = gamma * x / sqrt(mean(x^2) + eps), the mean over the trailing gamma.ndim dims of each
+    example: layer norm without the re-centring (no mean subtracted, no beta). eps=None means
+    the machine epsilon of x's dtype, as in torch.nn.RMSNorm. Returns out and the cache.
+    """
+    layer = "rmsnorm_forward"
+    check_floating(x, layer)
+    normalized_shape = np.shape(gamma)
+    check_normalized_shape(x, normalized_shape, layer)
+    check_finite(x, layer)
+    if eps is None:
+        eps = np.finfo(x.dtype).eps
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+
+    sq = x ** 2                                    # like x
+    ms = sq.mean(axis=axes, keepdims=True)         # (..., 1, ...) mean square per example
+    rms = np.sqrt(ms + eps)                        # eps inside the root
+    invrms = 1.0 / rms
+    xhat = x * invrms                              # like x, unit root mean square
+    out = gamma * xhat                             # like x
+
+    cache = {"x": x.copy(), "gamma": gamma, "axes": axes, "rms": rms, "invrms": invrms,
+             "xhat": xhat}
+    return out, cache
+
+
+def rmsnorm_backward(dout, cache):
+    """Staged backward of ``rmsnorm_forward``. Returns dx (like x), dgamma (shape of gamma)."""
+    x, gamma, axes, rms, invrms, xhat = (
+        cache[k] for k in ("x", "gamma", "axes", "rms", "invrms", "xhat"))
+    example_axes = tuple(range(dout.ndim - len(axes)))
+    m = np.prod([x.shape[a] for a in axes])
+
+    dgamma = (dout * xhat).sum(axis=example_axes)  # out = gamma * xhat
+    dxhat = dout * gamma                           # out = gamma * xhat
+    dinvrms = (dxhat * x).sum(axis=axes, keepdims=True)  # xhat = x * invrms
+    dx = dxhat * invrms                            # xhat = x * invrms      (first use of x)
+    drms = -dinvrms / rms ** 2                     # invrms = 1.0 / rms
+    dms = 0.5 * drms / rms                         # rms = np.sqrt(ms + eps)
+    dsq = np.ones_like(x) * dms / m                # ms = sq.mean(axis=axes)
+    dx = dx + 2.0 * x * dsq                        # sq = x ** 2            (second use of x)
+    return dx, dgamma
+
+
+def rmsnorm_backward_closed_form(dout, cache):
+    """With g = dout * gamma and the mean over the normalized dims of each example:
+
+        dx = invrms * (g - xhat * mean(g * xhat))
+
+    layer norm's formula without the mean(g) term (nothing was subtracted in the forward).
+    """
+    gamma, axes, invrms, xhat = (cache[k] for k in ("gamma", "axes", "invrms", "xhat"))
+    example_axes = tuple(range(dout.ndim - len(axes)))
+    dgamma = (dout * xhat).sum(axis=example_axes)
+    g = dout * gamma
+    dx = invrms * (g - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return dx, dgamma
+
+
+def weight_standardize_forward(w, eps=1e-5):
+    """Weight standardization (Qiao et al. 2019) of a conv weight w: (C_out, C_in, kh, kw).
+
+    Each output filter is standardized over its fan-in (C_in * kh * kw values):
+    w_hat = (w - mean) / sqrt(var + eps), biased variance, eps inside the root as in the paper's
+    equation. (The authors' code divides by the unbiased std + eps instead; a different layer
+    by a factor close to 1.) The convolution then uses w_hat. Returns w_hat and the cache.
+    """
+    layer = "weight_standardize_forward"
+    check_floating(w, layer)
+    check_rank(w, (4,), layer, "(C_out, C_in, kh, kw)")
+    check_finite(w, layer)
+    c_out = w.shape[0]
+
+    wf = w.reshape(c_out, -1)                      # (C_out, K)  one row per output filter
+    mu = wf.mean(axis=1, keepdims=True)            # (C_out, 1)
+    wmu = wf - mu                                  # (C_out, K)
+    sq = wmu ** 2                                  # (C_out, K)
+    var = sq.mean(axis=1, keepdims=True)           # (C_out, 1)  biased
+    std = np.sqrt(var + eps)                       # (C_out, 1)
+    invstd = 1.0 / std                             # (C_out, 1)
+    what = wmu * invstd                            # (C_out, K)
+    out = what.reshape(w.shape)                    # (C_out, C_in, kh, kw)
+
+    cache = {"wmu": wmu, "std": std, "invstd": invstd, "what": what}
+    return out, cache
+
+
+def weight_standardize_backward(dout, cache):
+    """Staged backward of ``weight_standardize_forward``: dout, dw: (C_out, C_in, kh, kw)."""
+    wmu, std, invstd = cache["wmu"], cache["std"], cache["invstd"]
+    k = wmu.shape[1]
+
+    dwhat = dout.reshape(wmu.shape)                # out = what.reshape(w.shape)
+    dinvstd = (dwhat * wmu).sum(axis=1, keepdims=True)  # what = wmu * invstd
+    dwmu = dwhat * invstd                          # what = wmu * invstd    (first use of wmu)
+    dstd = -dinvstd / std ** 2                     # invstd = 1.0 / std
+    dvar = 0.5 * dstd / std                        # std = np.sqrt(var + eps)
+    dsq = np.ones_like(wmu) * dvar / k             # var = sq.mean(axis=1)
+    dwmu = dwmu + 2.0 * wmu * dsq                  # sq = wmu ** 2          (second use of wmu)
+    dwf = dwmu.copy()                              # wmu = wf - mu
+    dmu = -dwmu.sum(axis=1, keepdims=True)         # wmu = wf - mu          (mu is broadcast)
+    dwf = dwf + np.ones_like(dwf) * dmu / k        # mu = wf.mean(axis=1)
+    return dwf.reshape(dout.shape)                 # wf = w.reshape(c_out, -1)
+
+
+def weight_standardize_backward_closed_form(dout, cache):
+    """Per output filter, with g = dout and the means over its fan-in:
+
+        dw = invstd * (g - mean(g) - w_hat * mean(g * w_hat))
+
+    layer norm's formula without gamma. dout, dw: (C_out, C_in, kh, kw).
+    """
+    invstd, what = cache["invstd"], cache["what"]
+    g = dout.reshape(what.shape)
+    dw = invstd * (g - g.mean(axis=1, keepdims=True)
+                   - what * (g * what).mean(axis=1, keepdims=True))
+    return dw.reshape(dout.shape)

@@ -32,6 +32,7 @@ __all__ = [
     "check_running_pair",
     "check_channel_input",
     "check_layer_norm_input",
+    "check_groups",
 ]
 
 CHANNEL_NDIMS = (2, 3, 4)
@@ -192,3 +193,18 @@ def check_layer_norm_input(x, normalized_shape, layer: str = "layer_norm") -> tu
     check_floating(x, layer)
     check_normalized_shape(x, normalized_shape, layer)
     return normalized_shape
+
+
+def check_groups(num_channels: int, num_groups: int, layer: str) -> None:
+    """Raise ValueError unless ``num_groups`` is a positive integer that divides ``num_channels``.
+
+    Group norm splits the C channels into groups of C / G consecutive channels: they must come
+    out whole.
+    """
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"{layer} expects num_groups to be a positive integer, got {num_groups!r}")
+    if num_channels % num_groups:
+        raise ValueError(
+            f"{layer}: num_channels={num_channels} must be divisible by num_groups={num_groups} "
+            "(each group takes C / G consecutive channels)"
+        )

@@ -61,8 +61,9 @@ def test_quick_benchmark_runs_end_to_end(monkeypatch, tmp_path):
     # most of a minute; the compiled Functions' numbers are checked below with AOT autograd
     results = B.run_benchmarks(CPU, quick=True, log=lines.append, compile=True, compile_backend="eager")
     assert [(r["layer"], r["shape"]) for r in results] == [
-        (layer, "fc 8x4") for layer in LAYERS
+        (layer, "fc 8x4") for layer in B.LAYERS if B.applies(layer, (8, 4))
     ]
+    assert {r["layer"] for r in results} >= set(LAYERS) | {"group_norm", "rms_norm"}
     assert len(lines) == len(results)
     for r in results:
         assert r["elements"] == 32
@@ -102,9 +103,15 @@ def test_run_script_writes_json_table_and_plot(tiny_shapes, tmp_path, monkeypatc
     run.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
     report = json.loads((tmp_path / "benchmark_cpu.json").read_text())
     assert report["device"] == "cpu" and report["threads"] == 1 and report["quick"] is True
-    assert len(report["results"]) == 3 * 2
+    shapes = [(8, 4), (2, 3, 2, 2)]
+    assert len(report["results"]) == sum(B.applies(l, s) for l in B.LAYERS for s in shapes)
+    assert len(report["results"]) == 3 * 2 + 2 + 4  # + group norm, RMSNorm; + all four on conv
     assert (tmp_path / "benchmark_cpu.md").read_text() == B.markdown_table(report["results"])
     assert (tmp_path / "benchmark_cpu.png").stat().st_size > 0
+    rms_rows = report["rms_versus_layer_norm"]
+    assert [r["shape"] for r in rms_rows] == ["fc 8x4", "conv 2x3x2x2"]
+    assert (tmp_path / "benchmark_cpu_rms_vs_layer_norm.md").read_text() == \
+        B.format_rms_versus_layer_norm(rms_rows)
 
 
 def test_minimum_traffic_is_five_tensor_transfers():
@@ -136,6 +143,84 @@ def test_compiled_function_matches_eager(layer):
         running = (torch.linspace(-1, 1, 5), torch.linspace(0.5, 2, 5))
         out = f(x, w, b, *running)
         grads = torch.autograd.grad(out, (x, w, b), dy)
+        results.append((out, *grads, *running))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 8's layers: group norm, instance norm, RMSNorm, the weight-standardized convolution
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["group_norm", "instance_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(16, 8), (4, 8, 5, 5)])
+def test_chapter8_functions_save_one_input_sized_tensor(layer, shape):
+    if not B.applies(layer, shape):
+        pytest.skip("instance norm needs spatial axes")
+    torch.manual_seed(0)
+    cases, _, _ = B.make_cases(layer, shape, CPU)
+    saved = {variant: B.saved_bytes(run) for variant, run in cases.items()}
+    elements, itemsize = torch.Size(shape).numel(), 4
+    # x itself and gamma: the statistics are recomputed in the (double-differentiable) backward
+    assert elements * itemsize <= saved["function"] < 2 * elements * itemsize, saved
+    assert saved["function"] < saved["autograd"], saved
+
+
+def test_ws_conv_function_saves_less_than_the_composition():
+    torch.manual_seed(0)
+    cases, _, _ = B.make_cases("ws_conv", (2, 8, 5, 5), CPU)
+    assert B.saved_bytes(cases["function"]) < B.saved_bytes(cases["autograd"])
+
+
+def test_instance_norm_and_ws_conv_rows_need_spatial_axes():
+    assert not B.applies("instance_norm", (8, 4)) and not B.applies("ws_conv", (8, 4))
+    assert all(B.applies(layer, (2, 3, 2, 2)) for layer in B.LAYERS)
+    assert B.benchmark_groups(64) == 8 and B.benchmark_groups(12) == 4
+
+
+def test_rms_norm_needs_fewer_operations_than_layer_norm():
+    """Dropping the re-centring: fewer ATen operations, forward and backward, in the like-for-like
+    compositions and in our Functions. (Counts, not times: deterministic.)"""
+    rows = B.rms_versus_layer_norm(CPU, [("fc 8x6", (8, 6)), ("conv 2x3x4x4", (2, 3, 4, 4))])
+    for row in rows:
+        for variant in ("function", "autograd"):
+            rms_ops, ln_ops = row[variant]["ops"]
+            assert 0 < rms_ops <= ln_ops, row
+        assert row["autograd"]["ops"][0] < row["autograd"]["ops"][1], row
+        assert all(row[v]["time_ratio"] > 0 for v in ("native", "function", "autograd"))
+    table = B.format_rms_versus_layer_norm(rows).strip().splitlines()
+    assert len(table) == 2 + len(rows) and "fc 8x6" in table[2]
+
+
+def test_count_operations_counts_forward_and_backward():
+    x = torch.randn(4, requires_grad=True)
+    forward_only = B.count_operations(lambda: x.exp())
+    both = B.count_operations(lambda: x.exp().sum().backward())
+    # exp saves its output (a detach shows up as one more operation); backward adds several
+    assert 1 <= forward_only < both
+
+
+@pytest.mark.parametrize("layer", ["group_norm", "rms_norm", "instance_norm"])
+def test_compiled_chapter8_function_matches_eager(layer):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, 6, 5), generator=gen, requires_grad=True)
+    w = (0.5 + torch.rand(6, generator=gen)).requires_grad_()
+    b = torch.randn(6, generator=gen).requires_grad_()
+    dy = torch.randn((4, 6, 5), generator=gen)
+
+    def fn(x, w, b, running_mean, running_var):
+        if layer == "group_norm":
+            return nf.group_norm(x, 3, w, b)
+        if layer == "instance_norm":
+            return nf.instance_norm(x, running_mean, running_var, w, b, True, 0.1, 1e-5)
+        return nf.rms_norm(x.transpose(1, 2), (6,), w, 1e-6).transpose(1, 2)
+
+    results = []
+    torch._dynamo.reset()
+    for f in (fn, torch.compile(fn, backend="aot_eager_decomp_partition", fullgraph=True)):
+        running = (torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6))
+        out = f(x, w, b, *running)
+        params = (x, w) if layer == "rms_norm" else (x, w, b)  # RMSNorm has no bias
+        grads = torch.autograd.grad(out, params, dy)
         results.append((out, *grads, *running))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

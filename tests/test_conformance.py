@@ -32,6 +32,7 @@ from torch import nn
 
 from normcourse import functional as nf
 from normcourse import nn as ncnn
+from normcourse.validation import DtypeError
 
 torch.set_num_threads(1)
 
@@ -66,6 +67,13 @@ BATCH_NORM_OPTIONS = (
     {"eps": 1e-3, "momentum": 0.3},
 )
 LAYER_NORM_OPTIONS = ({}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3})
+INSTANCE_NORM_OPTIONS = (
+    {},
+    {"affine": True},
+    {"track_running_stats": True},
+    {"affine": True, "track_running_stats": True, "momentum": 0.3},
+    {"track_running_stats": True, "momentum": None},
+)
 
 LAYERS = [
     LayerSpec(
@@ -90,6 +98,31 @@ LAYERS = [
     LayerSpec(
         "LayerNorm2", ncnn.LayerNorm, nn.LayerNorm, ((3, 4),), LAYER_NORM_OPTIONS,
         shapes=((5, 3, 4),), empty_shapes=((0, 3, 4),),
+        bad_inputs={"wrong_channels": (5, 4, 3), "wrong_rank": (4,)},
+    ),
+    # chapter 8: normalization without the batch
+    LayerSpec(
+        "GroupNorm", ncnn.GroupNorm, nn.GroupNorm, (2, 4),
+        ({}, {"affine": False}, {"bias": False}, {"eps": 1e-3}),
+        shapes=((3, 4, 3, 2), (2, 4, 5)), empty_shapes=((0, 4, 3, 3), (0, 4)),
+        bad_inputs={"wrong_channels": (3, 6, 2, 2), "wrong_rank": (4,)},
+    ),
+    LayerSpec(
+        "InstanceNorm1d", ncnn.InstanceNorm1d, nn.InstanceNorm1d, (4,), INSTANCE_NORM_OPTIONS,
+        shapes=((3, 4, 5), (4, 6)), empty_shapes=((0, 4, 3),),
+        bad_inputs={"wrong_channels": (3, 5, 4), "wrong_rank": (2, 4, 3, 3),
+                    "one_value_per_channel": (3, 4, 1)},
+    ),
+    LayerSpec(
+        "InstanceNorm2d", ncnn.InstanceNorm2d, nn.InstanceNorm2d, (4,), INSTANCE_NORM_OPTIONS,
+        shapes=((3, 4, 3, 2), (4, 2, 3)), empty_shapes=((0, 4, 3, 3),),
+        bad_inputs={"wrong_channels": (3, 5, 2, 2), "wrong_rank": (6, 4),
+                    "one_value_per_channel": (3, 4, 1, 1)},
+    ),
+    LayerSpec(
+        "RMSNorm", ncnn.RMSNorm, nn.RMSNorm, ((3, 4),),
+        ({}, {"elementwise_affine": False}, {"eps": 1e-3}),
+        shapes=((5, 3, 4), (3, 4)), empty_shapes=((0, 3, 4),),
         bad_inputs={"wrong_channels": (5, 4, 3), "wrong_rank": (4,)},
     ),
 ]
@@ -361,18 +394,48 @@ DELIBERATE = {
         "raises a RuntimeError that points to torch.compile and torch.export (tested: export)",
     ),
     "wrong_channels_train": (
-        lambda row: row.spec.has_running_stats and _no_per_channel_tensor(row),
+        lambda row: (row.spec.has_running_stats and _no_per_channel_tensor(row))
+        or (row.spec.name == "GroupNorm" and row.options.get("affine") is False),
         "with neither gamma/beta nor running statistics torch has nothing to compare the "
-        "channel count with and normalizes any C; ours still enforces num_features",
+        "channel count with and normalizes any C (any C divisible by G for GroupNorm); ours "
+        "still enforces num_features / num_channels",
     ),
     "wrong_channels_eval": (
-        lambda row: row.spec.has_running_stats and _no_per_channel_tensor(row),
+        lambda row: (row.spec.has_running_stats and _no_per_channel_tensor(row))
+        or (row.spec.name == "GroupNorm" and row.options.get("affine") is False),
         "as wrong_channels_train",
+    ),
+    "mixed_dtype": (
+        lambda row: (row.spec.name == "RMSNorm" and row.options.get("elementwise_affine", True))
+        or (row.spec.name.startswith("InstanceNorm") and row.options.get("track_running_stats")),
+        "torch's RMSNorm (a composite on CPU) and InstanceNorm (running statistics updated "
+        "through a copy) silently compute with mixed dtypes; ours raises DtypeError, as our "
+        "batch norm and layer norm do",
+    ),
+    "empty_batch": (
+        lambda row: row.spec.name.startswith("InstanceNorm")
+        and (row.options.get("affine") or row.options.get("track_running_stats")),
+        "torch's InstanceNorm raises an IndexError (select() on an empty tensor) for an empty "
+        "batch with affine=True, and sets its running statistics to NaN (an average over zero "
+        "instances) without; ours returns the empty output and leaves the statistics alone, "
+        "as batch norm does",
     ),
 }
 
 
-def _assert_deliberate(op_name, our_exc):
+def _assert_deliberate(op_name, our_exc, our_result=None, their_exc=None):
+    if op_name == "mixed_dtype":
+        assert our_exc is None and their_exc is None
+        raised = [v for k, v in our_result.items() if k.endswith(" raises")]
+        assert raised and all(isinstance(e, DtypeError) for e in raised), our_result
+        return
+    if op_name == "empty_batch":
+        assert their_exc is None or isinstance(their_exc, IndexError), f"torch changed: {their_exc!r}"
+        assert our_exc is None and all(v.numel() == 0 for k, v in our_result.items()
+                                       if k.endswith(" y") or k.endswith(" dx")), our_result
+        assert all(torch.isfinite(v).all() for k, v in our_result.items() if "running" in k)
+        return
+    assert their_exc is None, f"torch changed: {their_exc!r}"
     assert our_exc is not None, f"{op_name}: ours was expected to reject this"
     if op_name == "torchscript":
         assert isinstance(our_exc, RuntimeError)
@@ -422,8 +485,7 @@ def test_conformance(row, op):
     their_result, their_exc = _outcome(op, row, ours=False)
     deliberate = DELIBERATE.get(op.name)
     if deliberate and deliberate[0](row):
-        assert their_exc is None, f"torch changed: {their_exc!r}"
-        _assert_deliberate(op.name, our_exc)
+        _assert_deliberate(op.name, our_exc, our_result, their_exc)
         return
     if their_exc is not None:
         assert our_exc is not None, f"torch raised {their_exc!r}; ours did not"

@@ -127,7 +127,7 @@ def test_mlp_rejects_unknown_names_listing_the_valid_ones(kwargs, words):
         assert word in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs", [{"norm": "group"}, {"activation": "softplus"}])
+@pytest.mark.parametrize("kwargs", [{"norm": "ghost"}, {"activation": "softplus"}])
 def test_convnet_rejects_unknown_names(kwargs):
     with pytest.raises(ValueError, match="choose one of"):
         convnet(**kwargs)

@@ -139,6 +139,21 @@ CHAPTERS: tuple[Chapter, ...] = (
         ),
     ),
     Chapter(
+        8, "08_normalization_without_the_batch", "Normalization without the batch",
+        (
+            "implement group norm with the right group reshape, forward and backward",
+            "derive RMSNorm's backward pass from layer norm's",
+            "standardize a convolution's weights per output filter",
+        ),
+        50, 60,
+        ("05_layer_norm",),
+        (
+            "which of batch, layer, instance and group norm depend on the other examples of "
+            "the batch, and what group norm is with G = 1 and G = C",
+            "why weight standardization is paired with an activation normalization",
+        ),
+    ),
+    Chapter(
         10, "10_batch_norm_across_devices", "Batch norm across devices",
         (
             "say what a data-parallel worker's batch norm computes, and simulate k workers with "
