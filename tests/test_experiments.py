@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normcourse.data import load_mnist
+from normcourse.experiments import ch03_training_with_batch_norm as bt
 from normcourse.experiments import ch04_test_time_statistics as tt
 from normcourse.experiments import runner
 from normcourse.models import mlp
@@ -126,3 +127,27 @@ def test_train_norms_wires_the_scaled_renorm_schedule_and_fresh_samplers():
                           for m in renorm)
     assert results["renorm"].batch_stats_accuracy is None  # renorm is not batch norm
     assert results["layer"].history.steps_done == 3
+
+
+def test_init_preactivation_variance_shows_where_eps_takes_over():
+    """Layer 1's input is linear in the weights, so its variance scales exactly as s^2; the
+    normalized variance is var / (var + eps), near 1 at s = 1 and far below it at s = 0.001."""
+    torch.manual_seed(0)
+    images = torch.rand(60, 1, 28, 28)
+    tensors = (images, torch.zeros(60, dtype=torch.long), images, torch.zeros(60, dtype=torch.long))
+    result = bt.init_preactivation_variance(tensors, (0.001, 0.1, 1.0), seed=0)
+    pre_small, pre_mid = result[0.001]["pre"], result[0.1]["pre"]
+    assert pre_small.shape == (3,) and result[1.0]["post"].shape == (3,)
+    assert pre_mid[0] / pre_small[0] == pytest.approx(1e4, rel=1e-6)
+    # post is what batch norm's output really has (gamma = 1, beta = 0 at initialization)
+    model = runner.build_model("batch", seed=0, sizes=bt.PAPER_SIZES, activation="sigmoid",
+                               init_scale=0.001)
+    outputs = []
+    for layer in runner.batchnorm_layers(model):
+        layer.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double()))
+    with torch.no_grad():
+        model.train()(images)
+    measured = [float(o.var(dim=0, unbiased=False).mean()) for o in outputs]
+    assert result[0.001]["post"] == pytest.approx(measured, rel=1e-4)
+    assert result[1.0]["post"].min() > 0.999
+    assert result[0.001]["post"][1:].max() < 0.5  # deeper layers: variance below eps
