@@ -151,3 +151,51 @@ def test_init_preactivation_variance_shows_where_eps_takes_over():
     assert result[0.001]["post"] == pytest.approx(measured, rel=1e-4)
     assert result[1.0]["post"].min() > 0.999
     assert result[0.001]["post"][1:].max() < 0.5  # deeper layers: variance below eps
+
+
+class _LabelReader(nn.Module):
+    """Reads the label off column 0 of x; records, in training mode, the labels of each batch."""
+
+    def __init__(self, with_running_stats: bool):
+        super().__init__()
+        if with_running_stats:
+            self.register_buffer("running_mean", torch.zeros(1))
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x):
+        labels = x[:, 0].long()
+        if self.training:
+            self.batches.append(labels)
+        return nn.functional.one_hot(labels, 10).float()
+
+
+def test_noniid_test_control_builds_test_batches_of_two_classes():
+    from normcourse.experiments import ch06_batch_renorm as brx
+    from normcourse.train import History
+
+    labels = torch.arange(10).repeat(40)  # 400 test examples, 40 per class
+    tensors = (labels[:, None].float(), labels, labels[:, None].float(), labels)
+    reader = _LabelReader(with_running_stats=True)
+    result = runner.ClassifierResult("batch", 32, 0, 1.0, 1.0, History(), reader)
+    control = brx.noniid_test_control(result, tensors, classes_per_batch=2, seed=0)
+    assert control == {"batch_stats": 1.0, "population": 1.0}
+    assert len(reader.batches) == 400 // 32
+    for batch in reader.batches:
+        assert len(batch) == 32 and sorted(torch.bincount(batch, minlength=10).tolist())[-3:] == [0, 16, 16]
+    no_stats = runner.ClassifierResult("layer", 32, 0, 1.0, None, History(), _LabelReader(False))
+    assert brx.noniid_test_control(no_stats, tensors, seed=0)["batch_stats"] is None
+
+
+def test_saturation_probe_counts_inputs_beyond_the_threshold_only_between_start_and_stop():
+    first, second = nn.Sigmoid(), nn.Sigmoid()
+    probe = bt.SaturationProbe([first, second], threshold=4.0)
+    first(torch.full((3, 4), 10.0))  # before start: not counted
+    probe.start()
+    first(torch.tensor([[5.0, -5.0, 3.9, 0.0]]))
+    first(torch.tensor([[-4.5, 1.0, 2.0, 3.0]]))
+    second(torch.tensor([[0.0, 0.1]]))
+    assert probe.stop(step=1) == [3 / 8, 0.0]
+    probe.remove()
+    probe.start()
+    first(torch.full((1, 2), 9.0))  # hooks removed: nothing counted
+    assert probe.stop(step=2) == [0.0, 0.0]
