@@ -185,17 +185,3 @@ def test_noniid_test_control_builds_test_batches_of_two_classes():
     no_stats = runner.ClassifierResult("layer", 32, 0, 1.0, None, History(), _LabelReader(False))
     assert brx.noniid_test_control(no_stats, tensors, seed=0)["batch_stats"] is None
 
-
-def test_saturation_probe_counts_inputs_beyond_the_threshold_only_between_start_and_stop():
-    first, second = nn.Sigmoid(), nn.Sigmoid()
-    probe = bt.SaturationProbe([first, second], threshold=4.0)
-    first(torch.full((3, 4), 10.0))  # before start: not counted
-    probe.start()
-    first(torch.tensor([[5.0, -5.0, 3.9, 0.0]]))
-    first(torch.tensor([[-4.5, 1.0, 2.0, 3.0]]))
-    second(torch.tensor([[0.0, 0.1]]))
-    assert probe.stop(step=1) == [3 / 8, 0.0]
-    probe.remove()
-    probe.start()
-    first(torch.full((1, 2), 9.0))  # hooks removed: nothing counted
-    assert probe.stop(step=2) == [0.0, 0.0]

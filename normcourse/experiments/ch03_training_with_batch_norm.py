@@ -31,8 +31,6 @@ __all__ = [
     "figure1",
     "percentile_drift",
     "final_test_accuracy",
-    "SaturationProbe",
-    "saturated_fraction",
     "lr_sweep",
     "init_scale_sweep",
     "scale_invariance",
@@ -55,7 +53,6 @@ def train_mlp(
     init_scale: float | None = None,
     norm_position: str = "before",
     probe: bool = False,
-    saturation: bool = False,
 ) -> History:
     """Build the paper's MLP (seeded by ``seed``) and train it with SGD on ``tensors``.
 
@@ -64,15 +61,11 @@ def train_mlp(
     probe: record the 15th/50th/85th percentiles of the input to one sigmoid of the last hidden
         layer (unit 0 of ``model.act3``) over the test set at every evaluation, into
         ``history.probe_values[0]`` (the paper's Fig. 1(b, c)).
-    saturation: record at every evaluation the fraction of saturated sigmoid inputs per hidden
-        layer (``SaturationProbe``); read the last record with ``saturated_fraction``.
     """
     # seeded here for the initial weights; train() reseeds for the batch order
     model = build_model(norm, seed=seed, sizes=PAPER_SIZES, activation="sigmoid",
                         norm_position=norm_position, init_scale=init_scale)
     probes = [ActivationProbe(model.act3, unit=0, percentiles=(15, 50, 85))] if probe else []
-    if saturation:
-        probes.append(SaturationProbe([model.act1, model.act2, model.act3]))
     try:
         return train(model, tensors, steps=steps, batch_size=BATCH_SIZE, lr=lr, optimizer="sgd",
                      seed=seed, eval_every=eval_every or steps, probes=probes, progress=False)
@@ -126,48 +119,6 @@ def final_test_accuracy(history: History) -> float:
     return float("nan") if history.diverged else history.test_accuracy[-1]
 
 
-class SaturationProbe:
-    """The fraction of saturated sigmoid inputs, |z| > ``threshold``, in each of ``modules``.
-
-    At |z| = 4 the sigmoid's slope is 0.018, under a tenth of its slope 1/4 at 0: such a unit
-    passes almost no gradient. Same start/stop protocol as ``normcourse.train.ActivationProbe``,
-    so ``train`` records it around each test evaluation; ``stop`` returns one fraction per
-    module, over every unit and example seen.
-    """
-
-    def __init__(self, modules: Sequence[torch.nn.Module], threshold: float = 4.0):
-        self.threshold = threshold
-        self._counts: list[list[int]] | None = None
-        self._handles = [m.register_forward_hook(self._hook(k)) for k, m in enumerate(modules)]
-
-    def _hook(self, k: int):
-        def record(module, inputs, output):
-            if self._counts is not None:
-                z = inputs[0].detach()
-                self._counts[k][0] += int((z.abs() > self.threshold).sum())
-                self._counts[k][1] += z.numel()
-        return record
-
-    def start(self) -> None:
-        self._counts = [[0, 0] for _ in self._handles]
-
-    def stop(self, step: int) -> list[float]:
-        counts, self._counts = self._counts, None
-        return [saturated / max(total, 1) for saturated, total in counts]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def saturated_fraction(history: History) -> np.ndarray:
-    """Per hidden layer, the fraction of saturated sigmoid inputs on the test set at the last
-    evaluation of a run trained with ``saturation=True`` -> (3,); NaN if the run diverged."""
-    if history.diverged:
-        return np.full(3, np.nan)
-    return np.asarray(history.probe_values[-1][-1], dtype=np.float64)
-
-
 def lr_sweep(
     tensors: tuple[torch.Tensor, ...],
     lrs: Sequence[float],
@@ -176,12 +127,9 @@ def lr_sweep(
     steps: int = 1000,
     norms: Sequence[str] = ("none", "batch"),
 ) -> dict[tuple[str, float], History]:
-    """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}.
-
-    Every run records the saturated sigmoid inputs at its last evaluation (``saturated_fraction``).
-    """
+    """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
     runs = [((norm, lr), {"norm": norm, "lr": lr}) for norm in norms for lr in lrs]
-    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, saturation=True, **kw), runs)
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, **kw), runs)
 
 
 def init_scale_sweep(
