@@ -181,7 +181,8 @@ def test_noniid_test_control_builds_test_batches_of_two_classes():
     assert control == {"batch_stats": 1.0, "population": 1.0}
     assert len(reader.batches) == 400 // 32
     for batch in reader.batches:
-        assert len(batch) == 32 and sorted(torch.bincount(batch, minlength=10).tolist())[-3:] == [0, 16, 16]
+        counts = sorted(torch.bincount(batch, minlength=10).tolist())
+        assert len(batch) == 32 and counts[-3:] == [0, 16, 16]
     no_stats = runner.ClassifierResult("layer", 32, 0, 1.0, None, History(), _LabelReader(False))
     assert brx.noniid_test_control(no_stats, tensors, seed=0)["batch_stats"] is None
 

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from normcourse import reference
-from normcourse.experiments.runner import MLP_SIZES, batchnorm_layers, build_model, mnist_tensors, sweep
+from normcourse.experiments.runner import (
+    MLP_SIZES, batchnorm_layers, build_model, mnist_tensors, sweep,
+)
 from normcourse.gradcheck import rel_error
 from normcourse.train import ActivationProbe, History, train
 from normcourse.validation import check_choice
