@@ -117,10 +117,10 @@ def runs(claims_mnist):
 
 
 @pytest.mark.slow
-def test_ch4_train_eval_gap_grows_as_the_batch_shrinks(runs):
+def test_ch4_batch_stats_gap_grows_as_the_batch_shrinks(runs):
     bn4 = [runs.iid("batch", 4, s) for s in SEEDS]
-    gap4 = [r.train_eval_gap for r in bn4]
-    gap128 = [runs.iid("batch", 128, s).train_eval_gap for s in SEEDS]
+    gap4 = [r.batch_stats_gap for r in bn4]
+    gap128 = [runs.iid("batch", 128, s).batch_stats_gap for s in SEEDS]
     report("BN@4 eval", [r.eval_accuracy for r in bn4])
     report("BN@4 batch statistics", [r.batch_stats_accuracy for r in bn4])
     report("BN gap at batch 4", gap4)

@@ -34,7 +34,7 @@ def _sweep(mnist) -> dict:
         runs = ch10.worker_count_sweep(mnist, seeds=SEEDS)
         for r in runs:
             print(f"seed {r.seed}, {r.workers} workers: eval {r.eval_accuracy:.4f}, "
-                  f"batch stats {r.batch_stats_accuracy:.4f}, gap {r.train_eval_gap:.4f}, "
+                  f"batch stats {r.batch_stats_accuracy:.4f}, gap {r.batch_stats_gap:.4f}, "
                   f"loss {r.train_loss[-1]:.3f}")
         _SWEEPS[mnist.source] = {(r.seed, r.workers): r for r in runs}
     return _SWEEPS[mnist.source]
@@ -47,9 +47,9 @@ def test_training_loss_grows_with_the_number_of_workers(claims_mnist):
         assert all(a < b for a, b in zip(losses, losses[1:])), (seed, losses)
 
 
-def test_per_worker_statistics_open_a_train_eval_gap(claims_mnist):
+def test_per_worker_statistics_open_a_batch_stats_gap(claims_mnist):
     runs = _sweep(claims_mnist)
-    gaps = {k: [runs[s, k].train_eval_gap for s in SEEDS] for k in (1, 8)}
+    gaps = {k: [runs[s, k].batch_stats_gap for s in SEEDS] for k in (1, 8)}
     drops = [runs[s, 1].batch_stats_accuracy - runs[s, 8].batch_stats_accuracy for s in SEEDS]
     for seed in range(len(SEEDS)):
         assert gaps[8][seed] > gaps[1][seed]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normcourse.data import load_mnist
+from normcourse.experiments import ch03_training_with_batch_norm as bt
 from normcourse.experiments import ch04_test_time_statistics as tt
 from normcourse.experiments import runner
 from normcourse.models import mlp
@@ -126,3 +127,62 @@ def test_train_norms_wires_the_scaled_renorm_schedule_and_fresh_samplers():
                           for m in renorm)
     assert results["renorm"].batch_stats_accuracy is None  # renorm is not batch norm
     assert results["layer"].history.steps_done == 3
+
+
+def test_init_preactivation_variance_shows_where_eps_takes_over():
+    """Layer 1's input is linear in the weights, so its variance scales exactly as s^2; the
+    normalized variance is var / (var + eps), near 1 at s = 1 and far below it at s = 0.001."""
+    torch.manual_seed(0)
+    images = torch.rand(60, 1, 28, 28)
+    tensors = (images, torch.zeros(60, dtype=torch.long), images, torch.zeros(60, dtype=torch.long))
+    result = bt.init_preactivation_variance(tensors, (0.001, 0.1, 1.0), seed=0)
+    pre_small, pre_mid = result[0.001]["pre"], result[0.1]["pre"]
+    assert pre_small.shape == (3,) and result[1.0]["post"].shape == (3,)
+    assert pre_mid[0] / pre_small[0] == pytest.approx(1e4, rel=1e-6)
+    # post is what batch norm's output really has (gamma = 1, beta = 0 at initialization)
+    model = runner.build_model("batch", seed=0, sizes=bt.PAPER_SIZES, activation="sigmoid",
+                               init_scale=0.001)
+    outputs = []
+    for layer in runner.batchnorm_layers(model):
+        layer.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double()))
+    with torch.no_grad():
+        model.train()(images)
+    measured = [float(o.var(dim=0, unbiased=False).mean()) for o in outputs]
+    assert result[0.001]["post"] == pytest.approx(measured, rel=1e-4)
+    assert result[1.0]["post"].min() > 0.999
+    assert result[0.001]["post"][1:].max() < 0.5  # deeper layers: variance below eps
+
+
+class _LabelReader(nn.Module):
+    """Reads the label off column 0 of x; records, in training mode, the labels of each batch."""
+
+    def __init__(self, with_running_stats: bool):
+        super().__init__()
+        if with_running_stats:
+            self.register_buffer("running_mean", torch.zeros(1))
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x):
+        labels = x[:, 0].long()
+        if self.training:
+            self.batches.append(labels)
+        return nn.functional.one_hot(labels, 10).float()
+
+
+def test_noniid_test_control_builds_test_batches_of_two_classes():
+    from normcourse.experiments import ch06_batch_renorm as brx
+    from normcourse.train import History
+
+    labels = torch.arange(10).repeat(40)  # 400 test examples, 40 per class
+    tensors = (labels[:, None].float(), labels, labels[:, None].float(), labels)
+    reader = _LabelReader(with_running_stats=True)
+    result = runner.ClassifierResult("batch", 32, 0, 1.0, 1.0, History(), reader)
+    control = brx.noniid_test_control(result, tensors, classes_per_batch=2, seed=0)
+    assert control == {"batch_stats": 1.0, "population": 1.0}
+    assert len(reader.batches) == 400 // 32
+    for batch in reader.batches:
+        counts = sorted(torch.bincount(batch, minlength=10).tolist())
+        assert len(batch) == 32 and counts[-3:] == [0, 16, 16]
+    no_stats = runner.ClassifierResult("layer", 32, 0, 1.0, None, History(), _LabelReader(False))
+    assert brx.noniid_test_control(no_stats, tensors, seed=0)["batch_stats"] is None
+

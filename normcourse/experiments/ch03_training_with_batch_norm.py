@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from normcourse import reference
-from normcourse.experiments.runner import MLP_SIZES, build_model, mnist_tensors, sweep
+from normcourse.experiments.runner import (
+    MLP_SIZES, batchnorm_layers, build_model, mnist_tensors, sweep,
+)
 from normcourse.gradcheck import rel_error
 from normcourse.train import ActivationProbe, History, train
 from normcourse.validation import check_choice
@@ -34,6 +36,7 @@ __all__ = [
     "lr_sweep",
     "init_scale_sweep",
     "scale_invariance",
+    "init_preactivation_variance",
 ]
 
 PAPER_SIZES = MLP_SIZES  # 784-100-100-100-10
@@ -185,3 +188,44 @@ def scale_invariance(a: float, seed: int = 0, batch: int = 60, fan_in: int = 50,
         "du_rel_error": rel_error(du_a, du),
         "dW_ratio_error": rel_error(a * dw_a, dw),
     }
+
+
+def init_preactivation_variance(
+    tensors: tuple[torch.Tensor, ...],
+    scales: Sequence[float],
+    *,
+    seed: int = 0,
+    examples: int = BATCH_SIZE,
+) -> dict[float, dict[str, np.ndarray]]:
+    """At initialization, how much of each hidden layer's input variance batch norm restores.
+
+    For each ``scale`` (every weight from N(0, scale^2), as in ``init_scale_sweep``) builds the MLP
+    with batch norm and runs one training-mode forward pass on the first ``examples`` training
+    images (one batch of the paper's size). For each of the three batch-norm layers, averaged over
+    its 100 units, returns ``{scale: {"pre": (3,), "post": (3,)}}``:
+
+    - ``pre``: the batch variance of the layer's input (the pre-activation ``Wu``);
+    - ``post``: the variance of its normalized output ``xhat``, ``var / (var + eps)``, which is 1
+      only while ``var`` is large compared with ``eps``.
+    """
+    x = tensors[0][:examples]
+    results = {}
+    for scale in scales:
+        model = build_model("batch", seed=seed, sizes=PAPER_SIZES, activation="sigmoid",
+                            init_scale=scale)
+        layers = batchnorm_layers(model)
+        inputs: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+                 for layer in layers]
+        try:
+            with torch.no_grad():
+                model.train()(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        pre = np.array([float(v.double().var(dim=0, unbiased=False).mean()) for v in inputs])
+        post = np.array([float((v.double().var(dim=0, unbiased=False)
+                                / (v.double().var(dim=0, unbiased=False) + layer.eps)).mean())
+                         for v, layer in zip(inputs, layers)])
+        results[scale] = {"pre": pre, "post": post}
+    return results

@@ -120,7 +120,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, se
 
 
 # ---------------------------------------------------------------------------------------------
-# The train/eval gap against the batch size, and recalibration
+# The batch-vs-population gap against the batch size, and recalibration
 # ---------------------------------------------------------------------------------------------
 def batch_size_sweep(
     data,

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import torch
+
 from normcourse.data import class_subset_batches
 from normcourse.experiments.runner import (
     PAPER_SCHEDULE,
@@ -28,6 +31,7 @@ from normcourse.experiments.runner import (
     renorm_schedule,
     train_norms,
 )
+from normcourse.train import evaluate, evaluate_with_batch_statistics
 
 __all__ = [
     "PAPER_SCHEDULE",  # the schedule's constants and function live in the runner; re-exported
@@ -35,6 +39,7 @@ __all__ = [
     "renorm_schedule",
     "compare_norms",
     "noniid_comparison",
+    "noniid_test_control",
 ]
 
 
@@ -79,3 +84,34 @@ def noniid_comparison(
         eval_every=eval_every,
         sampler_for=lambda: class_subset_batches(labels, classes_per_batch, batch_size, seed=seed),
     )
+
+
+def noniid_test_control(
+    result: ClassifierResult,
+    data,
+    *,
+    classes_per_batch: int = 2,
+    seed: int = 0,
+    test_examples: int | None = None,
+) -> dict[str, float]:
+    """The paper's control for the non-i.i.d. experiment: test batches built the same way.
+
+    Draws ``len(test set) // batch_size`` test batches of ``result.batch_size``
+    examples from only ``classes_per_batch`` classes each (``class_subset_batches`` on
+    the test labels, ``seed``) and measures ``result.model`` on them two ways:
+    ``"batch_stats"``, each batch normalized with its own statistics (as in training;
+    batch renorm also applies r, d), and ``"population"``, eval mode (the moving
+    averages; the batch does not matter). If the network uses what a batch's statistics
+    say about which classes it holds, ``batch_stats`` is far above ``population``.
+    ``batch_stats`` is None for a model without running statistics (layer norm).
+    """
+    _, _, x_test, y_test = mnist_tensors(data, test_examples)
+    size = result.batch_size
+    batches = class_subset_batches(y_test.numpy(), classes_per_batch, size, seed=seed,
+                                   steps=len(y_test) // size)
+    index = torch.from_numpy(np.concatenate(list(batches)))
+    x, y = x_test[index], y_test[index]  # consecutive chunks of `size` are the batches
+    batch_stats = None
+    if any(hasattr(module, "running_mean") for module in result.model.modules()):
+        batch_stats = evaluate_with_batch_statistics(result.model, x, y, batch_size=size)
+    return {"batch_stats": batch_stats, "population": evaluate(result.model, x, y)}

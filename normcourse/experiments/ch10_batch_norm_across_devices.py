@@ -106,7 +106,7 @@ class WorkerRun:
         return GLOBAL_BATCH // self.workers
 
     @property
-    def train_eval_gap(self) -> float:
+    def batch_stats_gap(self) -> float:
         """|eval accuracy - accuracy with per-worker batch statistics|."""
         return abs(self.eval_accuracy - self.batch_stats_accuracy)
 

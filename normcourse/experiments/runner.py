@@ -131,7 +131,7 @@ class ClassifierResult:
     model: nn.Module = field(repr=False)
 
     @property
-    def train_eval_gap(self) -> float | None:
+    def batch_stats_gap(self) -> float | None:
         """|eval accuracy - accuracy with batch statistics| (None without batch norm)."""
         if self.batch_stats_accuracy is None:
             return None
