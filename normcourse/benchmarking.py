@@ -75,7 +75,14 @@ def make_cases(layer: str, shape, device):
             rs = torch.full((c,), 0.8, device=device)
             ours = lambda: ncF.batch_renorm(x, rm, rs, weight, bias, True, 3.0, 5.0, 0.01, 1e-5)
             composed = lambda: ncF.batch_renorm_autograd(x, rm, rs, weight, bias, True, 3.0, 5.0, 0.01, 1e-5)
-    params = [p for p in (x, weight, bias)]
+    return timed_variants((x, weight, bias), dy, native, ours, composed)
+
+
+def timed_variants(params, dy, native, ours, composed):
+    """``({variant: run}, ours, step)``: each variant as a zero-argument forward + backward run
+    (gradients of ``params`` reset first, ``dy`` the upstream gradient), and the wrapper ``step``
+    that makes such a run of any forward (the compiled one)."""
+    params = [p for p in params if p is not None]
 
     def step(fn):
         def run():
@@ -268,16 +275,7 @@ def make_cases_without_batch(layer: str, shape, device):
             else (lambda: tF.instance_norm(x, None, None, weight, bias, True, 0.1, 1e-5))
         ours = lambda: ncF.group_norm(x, groups, weight, bias, 1e-5)
         composed = lambda: ncF.group_norm_autograd(x, groups, weight, bias, 1e-5)
-    params = [p for p in (x, weight, bias) if p is not None]
-
-    def step(fn):
-        def run():
-            for p in params:
-                p.grad = None
-            fn().backward(dy)
-        return run
-
-    return {"native": step(native), "function": step(ours), "autograd": step(composed)}, ours, step
+    return timed_variants((x, weight, bias), dy, native, ours, composed)
 
 
 def count_operations(run) -> int:
