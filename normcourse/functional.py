@@ -72,7 +72,21 @@ __all__ = [
     "weight_standardization_autograd",
     "check_group_norm_input",
     "check_instance_norm_input",
+    "NotScriptable",
 ]
+
+
+class NotScriptable:
+    """Mixin for the modules that run these Functions (``normcourse.nn``, ``SyncBatchNorm``):
+    ``torch.jit.script`` cannot compile an ``autograd.Function``, so it gets a clear error that
+    points to torch.compile and torch.export instead of a TorchScript parse error."""
+
+    def __prepare_scriptable__(self):  # called by torch.jit.script on every submodule
+        raise RuntimeError(
+            f"normcourse.nn.{type(self).__name__} cannot be compiled by torch.jit.script: it runs "
+            "a torch.autograd.Function, which TorchScript does not support (and TorchScript is "
+            "deprecated). Use torch.compile(model) or torch.export.export(model, args) instead."
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from normcourse.functional import (
     BatchRenormFunction,
     GroupNormFunction,
     LayerNormFunction,
+    NotScriptable,
     RMSNormFunction,
     WeightStandardizationFunction,
     check_group_norm_input,
@@ -50,18 +51,7 @@ __all__ = [
 ]
 
 
-class _NotScriptable:
-    """Mixin: a clear error from ``torch.jit.script`` instead of a TorchScript parse error."""
-
-    def __prepare_scriptable__(self):  # called by torch.jit.script on every submodule
-        raise RuntimeError(
-            f"normcourse.nn.{type(self).__name__} cannot be compiled by torch.jit.script: it runs "
-            "a torch.autograd.Function, which TorchScript does not support (and TorchScript is "
-            "deprecated). Use torch.compile(model) or torch.export.export(model, args) instead."
-        )
-
-
-class _ChannelNorm(_NotScriptable, nn.Module):
+class _ChannelNorm(NotScriptable, nn.Module):
     """What batch norm and batch renorm share: gamma/beta, the buffers, the resets, the input check.
 
     Subclasses set ``_input_ndims`` and ``_input_layouts``: the only difference between a 1d and a
@@ -279,7 +269,7 @@ class BatchRenorm2d(_BatchRenorm):
     _input_layouts = "(N, C, H, W)"
 
 
-class LayerNorm(_NotScriptable, nn.Module):
+class LayerNorm(NotScriptable, nn.Module):
     """Layer norm (Ba, Kiros & Hinton 2016), arguments and state_dict as torch.nn.LayerNorm.
 
     x: (*, *normalized_shape); statistics per row over the trailing ``normalized_shape`` axes with
@@ -331,7 +321,7 @@ class LayerNorm(_NotScriptable, nn.Module):
 # --------------------------------------------------------------------------------------------
 # Normalization without the batch (chapter 8)
 # --------------------------------------------------------------------------------------------
-class GroupNorm(_NotScriptable, nn.Module):
+class GroupNorm(NotScriptable, nn.Module):
     """Group norm (Wu & He 2018), arguments and state_dict as torch.nn.GroupNorm.
 
     x: (N, C, *). The C channels form ``num_groups`` groups of C/G consecutive channels; each
@@ -447,7 +437,7 @@ class InstanceNorm2d(_InstanceNorm):
     _no_batch_ndim = 3
 
 
-class RMSNorm(_NotScriptable, nn.Module):
+class RMSNorm(NotScriptable, nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), arguments and state_dict as torch.nn.RMSNorm.
 
     x: (*, *normalized_shape); y = x / sqrt(mean(x^2) + eps) * weight over the trailing axes:
@@ -485,7 +475,7 @@ class RMSNorm(_NotScriptable, nn.Module):
         return RMSNormFunction.apply(x, shape, self.weight, eps)
 
 
-class WSConv2d(_NotScriptable, nn.Conv2d):
+class WSConv2d(NotScriptable, nn.Conv2d):
     """A Conv2d whose weights are standardized per output filter (Qiao et al. 2019).
 
     Same arguments, parameters and state_dict as torch.nn.Conv2d, plus ``ws_eps`` (keyword

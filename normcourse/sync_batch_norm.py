@@ -33,7 +33,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from normcourse.functional import BatchNormFunction, update_batch_norm_running_stats
+from normcourse.functional import (BatchNormFunction, NotScriptable,
+                                   update_batch_norm_running_stats)
 from normcourse.validation import (
     check_channel_input,
     check_choice,
@@ -206,10 +207,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return dx, None, None, dweight, dbias, None, None, None, None
 
 
-class SyncBatchNorm(_TorchBatchNorm):
+class SyncBatchNorm(NotScriptable, _TorchBatchNorm):
     """Batch norm whose training statistics span every process of ``process_group``.
 
-    Same arguments, parameters, buffers and state_dict keys as ``torch.nn.SyncBatchNorm``;
+    Same arguments, parameters, buffers and state_dict keys as ``torch.nn.SyncBatchNorm``
+    (``tests/test_conformance.py`` compares the two wherever torch's runs on a CPU);
     ``statistics`` (keyword only: ``"chan"`` or ``"sums"``) picks how the workers' statistics
     are combined (see the module docstring). x: (N, C, *) with 1 to 3 trailing axes.
     """
@@ -238,9 +240,10 @@ class SyncBatchNorm(_TorchBatchNorm):
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            # momentum=None: cumulative average, the n-th batch gets weight 1/n
-            cumulative = 1.0 / float(self.num_batches_tracked)
-            factor = cumulative if self.momentum is None else self.momentum
+            # momentum=None: cumulative average, the n-th batch gets weight 1/n (read only then:
+            # reading the counter as a number is data-dependent for torch.export)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
         updating = self.training and self.track_running_stats
         reads = updating or not self.training
         running = (self.running_mean, self.running_var) if reads else (None, None)

@@ -20,14 +20,18 @@ to ``OPERATIONS``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import io
 import itertools
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from normcourse import functional as nf
@@ -124,6 +128,17 @@ LAYERS = [
         ({}, {"elementwise_affine": False}, {"eps": 1e-3}),
         shapes=((5, 3, 4), (3, 4)), empty_shapes=((0, 3, 4),),
         bad_inputs={"wrong_channels": (5, 4, 3), "wrong_rank": (4,)},
+    ),
+    # chapter 10: without a process group both are batch norm on any input of 2 to 5 axes (the
+    # synchronized path itself needs workers: tests/test_sync_batch_norm.py); with one, torch's
+    # refuses CPU tensors in training (the "process_group" operation, a deliberate difference)
+    LayerSpec(
+        "SyncBatchNorm", ncnn.SyncBatchNorm, nn.SyncBatchNorm, (4,), BATCH_NORM_OPTIONS,
+        shapes=((3, 4, 3, 2), (6, 4), (3, 4, 5), (2, 4, 2, 3, 2)),
+        empty_shapes=((0, 4, 3, 3), (0, 4), (2, 4, 0)),
+        bad_inputs={"wrong_channels": (3, 5, 2, 2), "wrong_rank": (4,),
+                    "one_value_per_channel": (1, 4)},
+        has_running_stats=True,
     ),
 ]
 
@@ -344,6 +359,25 @@ def op_integer_input(module, row, gen):
     return {"y": module(torch.ones(row.spec.shapes[0], dtype=torch.long))}
 
 
+def op_process_group(module, row, gen, group=True):
+    """Training with an initialized process group of one gloo worker, on CPU tensors."""
+    record = {}
+    with _group_of_one() if group else contextlib.nullcontext():
+        module.train()
+        record.update(_forward_backward(module, row.input(gen), gen, "group "))
+    return record
+
+
+@contextlib.contextmanager
+def _group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -365,6 +399,8 @@ OPERATIONS = [
     Operation("export", op_export, dtypes=(F32,), kinds=("contiguous",)),
     Operation("serialize", op_serialize, dtypes=(F32,), kinds=("contiguous",)),
     Operation("integer_input", op_integer_input, dtypes=(F32,), kinds=("contiguous",)),
+    Operation("process_group", op_process_group, kinds=("contiguous",),
+              applies=lambda row: row.spec.name == "SyncBatchNorm"),
 ] + [
     Operation(f"{bad}_{mode}", _bad_input_op(bad, mode), dtypes=(F32,), kinds=("contiguous",),
               applies=lambda row, bad=bad: bad in row.spec.bad_inputs)
@@ -391,7 +427,8 @@ DELIBERATE = {
     "torchscript": (
         lambda row: True,
         "TorchScript cannot compile an autograd.Function and is deprecated upstream; ours "
-        "raises a RuntimeError that points to torch.compile and torch.export (tested: export)",
+        "raises a RuntimeError that points to torch.compile and torch.export (tested: export); "
+        "torch's own SyncBatchNorm cannot be scripted either (a TorchScript RuntimeError)",
     ),
     "wrong_channels_train": (
         lambda row: (row.spec.has_running_stats and _no_per_channel_tensor(row))
@@ -412,6 +449,13 @@ DELIBERATE = {
         "through a copy) silently compute with mixed dtypes; ours raises DtypeError, as our "
         "batch norm and layer norm do",
     ),
+    "process_group": (
+        lambda row: True,
+        "torch's SyncBatchNorm refuses CPU tensors in training as soon as a process group is "
+        "initialized (ValueError: it expects a GPU), even for a group of one; ours works with "
+        "gloo on CPU, and for a group of one is exactly batch norm (asserted against torch's "
+        "batch norm, i.e. torch's SyncBatchNorm without a group)",
+    ),
     "empty_batch": (
         lambda row: row.spec.name.startswith("InstanceNorm")
         and (row.options.get("affine") or row.options.get("track_running_stats")),
@@ -423,7 +467,14 @@ DELIBERATE = {
 }
 
 
-def _assert_deliberate(op_name, our_exc, our_result=None, their_exc=None):
+def _assert_deliberate(op_name, our_exc, our_result=None, their_exc=None, row=None):
+    if op_name == "process_group":
+        assert isinstance(their_exc, ValueError) and "GPU" in str(their_exc), their_exc
+        assert our_exc is None, f"ours raised {our_exc!r}"
+        gen = torch.Generator().manual_seed(SEED)
+        without_group = op_process_group(row.build(ours=False), row, gen, group=False)
+        _assert_same(our_result, without_group)
+        return
     if op_name == "mixed_dtype":
         assert our_exc is None and their_exc is None
         raised = [v for k, v in our_result.items() if k.endswith(" raises")]
@@ -435,7 +486,9 @@ def _assert_deliberate(op_name, our_exc, our_result=None, their_exc=None):
                                        if k.endswith(" y") or k.endswith(" dx")), our_result
         assert all(torch.isfinite(v).all() for k, v in our_result.items() if "running" in k)
         return
-    assert their_exc is None, f"torch changed: {their_exc!r}"
+    scripts = op_name != "torchscript" or row is None or row.spec.name != "SyncBatchNorm"
+    assert their_exc is None if scripts else isinstance(their_exc, RuntimeError), \
+        f"torch changed: {their_exc!r}"
     assert our_exc is not None, f"{op_name}: ours was expected to reject this"
     if op_name == "torchscript":
         assert isinstance(our_exc, RuntimeError)
@@ -485,7 +538,7 @@ def test_conformance(row, op):
     their_result, their_exc = _outcome(op, row, ours=False)
     deliberate = DELIBERATE.get(op.name)
     if deliberate and deliberate[0](row):
-        _assert_deliberate(op.name, our_exc, our_result, their_exc)
+        _assert_deliberate(op.name, our_exc, our_result, their_exc, row)
         return
     if their_exc is not None:
         assert our_exc is not None, f"torch raised {their_exc!r}; ours did not"
@@ -501,6 +554,77 @@ def test_the_table_covers_every_issue_item_and_every_layer():
             "export"} <= ops
     assert {case.values[0].spec.name for case in CASES} == {spec.name for spec in LAYERS}
     assert len(CASES) > 300
+
+
+# ---------------------------------------------------------------------------------------------
+# SyncBatchNorm beyond the table: constructor and convert_sync_batchnorm
+# ---------------------------------------------------------------------------------------------
+def test_sync_batch_norm_takes_torchs_arguments_with_torchs_defaults():
+    """torch's parameters, in torch's order, with torch's defaults; ours adds only the
+    keyword-only ``statistics`` (how the workers' statistics are combined)."""
+    ours = inspect.signature(ncnn.SyncBatchNorm.__init__).parameters
+    theirs = inspect.signature(nn.SyncBatchNorm.__init__).parameters
+    assert list(ours)[: len(theirs)] == list(theirs) and list(ours)[len(theirs):] == ["statistics"]
+    for name, parameter in theirs.items():
+        assert (ours[name].kind, ours[name].default) == (parameter.kind, parameter.default), name
+    assert ours["statistics"].kind is inspect.Parameter.KEYWORD_ONLY
+    args = (4, 1e-3, 0.3, True, False, None)
+    for a, b in ((ncnn.SyncBatchNorm(*args), nn.SyncBatchNorm(*args)),
+                 (ncnn.SyncBatchNorm(4), nn.SyncBatchNorm(4))):
+        for attribute in ("num_features", "eps", "momentum", "affine", "track_running_stats",
+                          "process_group", "training"):
+            assert getattr(a, attribute) == getattr(b, attribute), attribute
+        assert repr(a) == repr(b)
+    assert inspect.signature(ncnn.SyncBatchNorm.convert_sync_batchnorm).parameters.keys() == \
+        inspect.signature(nn.SyncBatchNorm.convert_sync_batchnorm).parameters.keys()
+
+
+def _model_with_batch_norms() -> nn.Module:
+    torch.manual_seed(SEED)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3, affine=False, momentum=None)),
+        nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5, eps=1e-3),
+        nn.BatchNorm1d(5, track_running_stats=False),
+    ).double()
+    with torch.no_grad():  # running statistics and a counter that are not the defaults
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(3)
+    model[1].eval()
+    return model
+
+
+def test_convert_sync_batchnorm_does_what_torchs_does():
+    """Both converters replace the same layers, keep the same Parameter and buffer objects, the
+    same train/eval modes, state_dict and outputs (train and eval, without a process group);
+    ours also converts normcourse.nn's batch norms, which torch's does not know."""
+    original = _model_with_batch_norms()
+    ours = ncnn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    theirs = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    kinds = lambda model: [type(m).__name__ for m in model.modules()]  # noqa: E731
+    assert kinds(ours) == kinds(theirs) and kinds(ours).count("SyncBatchNorm") == 4
+    assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    model = _model_with_batch_norms()
+    tensors = [*model.parameters(), *model.buffers()]
+    converted = ncnn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert all(any(t is c for c in [*converted.parameters(), *converted.buffers()])
+               for t in tensors)  # the same objects: an optimizer built before still sees them
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(SEED), dtype=F64)
+    for mode in ("eval", "train"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-9)
+    mixed = nn.Sequential(ncnn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    assert [type(m) for m in nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(mixed))] \
+        == [ncnn.BatchNorm1d, nn.SyncBatchNorm]
+    assert all(isinstance(m, ncnn.SyncBatchNorm)
+               for m in ncnn.SyncBatchNorm.convert_sync_batchnorm(mixed))
 
 
 # ---------------------------------------------------------------------------------------------
