@@ -39,6 +39,10 @@ SOLUTION = nbformat.read(ROOT / "exercises" / "source" / f"{SLUG}.ipynb", as_ver
 STUDENT = nbformat.read(ROOT / "exercises" / f"{SLUG}.ipynb", as_version=4)
 TASK_IDS = [t.id for t in tasks_for_chapter(SLUG)]
 FULL = sum(t.points for t in tasks_for_chapter(SLUG))
+SLUG_03 = "03_training_with_batch_norm"
+SOLUTION_03 = nbformat.read(ROOT / "exercises" / "source" / f"{SLUG_03}.ipynb", as_version=4)
+FULL_03 = sum(t.points for t in tasks_for_chapter(SLUG_03))
+DISK_MB = 256  # the run's limit on all files of a submission together
 TIMEOUT = 40  # per cell: importing torch in a loaded 2-core machine can take 20 s
 FORK_BOMB = isolation()["process_limit_enforced"]
 
@@ -82,6 +86,28 @@ def _cheater():
         "display_data", data={"text/plain": "[PASS] 01.standardize_fit: 2/2 points.",
                               RESULT_MIME: {"task": "01.standardize_fit", "status": "pass"}})]
     return notebook
+
+
+def _block_faker():
+    """Chapter 3 with a wrong block whose verdict is faked wherever the definitions are loaded:
+    a class body runs at definition time, in the notebook's kernel and in the answer process."""
+    notebook = copy.deepcopy(SOLUTION_03)
+    _function_cell(notebook, "linear_bn_sigmoid").source = (
+        "class _Grader:  # patches the block's checker as soon as the definitions load\n"
+        "    import normcourse.exercises.tasks.ch03_training_with_batch_norm as ch03\n"
+        "    ch03.BlockTask.diagnose = lambda self, answer: ('pass', 'Correct.', [])\n"
+        "    ch03.BlockTask.judge = lambda self, description: ('pass', 'Correct.', [])\n\n\n"
+        "def linear_bn_sigmoid(in_features, out_features):\n"
+        "    return nn.Linear(in_features, out_features)")
+    return notebook
+
+
+def _disk_filler():
+    """The solution plus a cell that writes files of 16 MiB (a quarter of the per-file limit)
+    until far beyond the disk limit."""
+    return _with_cells(SOLUTION, "for i in range(100):\n"
+                       "    with open(f'part{i}.bin', 'wb') as f:\n"
+                       "        f.write(b'0' * (16 * 1024**2))", at=2)
 
 
 def _resources(sentinel: Path, other: Path, port: int):
@@ -133,6 +159,9 @@ def graded(tmp_path_factory):
         "killed": _with_cells(SOLUTION, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
                               at=2),
         f"bob_{SLUG}": _task_limits(),
+        "honest_03": SOLUTION_03,
+        "faker_03": _block_faker(),
+        "diskfill": _disk_filler(),
     }
     if FORK_BOMB:
         notebooks["forkbomb"] = _with_cells(SOLUTION, "import os\nwhile True:\n    os.fork()")
@@ -150,7 +179,7 @@ def graded(tmp_path_factory):
         with contextlib.redirect_stdout(out):
             status = main(["grade", str(folder), "--jobs", "3", "--json", "--csv", str(gradebook),
                            "--timeout", str(TIMEOUT), "--task-timeout", "30", "--processes", "128",
-                           "--memory-mb", "3072"])
+                           "--memory-mb", "3072", "--disk-mb", str(DISK_MB)])
     finally:
         tempfile.tempdir = default_tempdir
     seconds = time.perf_counter() - start
@@ -173,12 +202,14 @@ def _flags(report) -> str:
 def test_every_submission_is_graded_and_the_honest_one_gets_full_marks(graded):
     reports = graded["reports"]
     assert graded["status"] == 0, {k: r["error"] for k, r in reports.items()}
-    assert len(reports) == (6 if FORK_BOMB else 5)
-    honest = reports["honest"]
-    assert honest["points"] == honest["max_points"] == FULL
-    assert honest["flags"] == [] and honest["cell_errors"] == [] and honest["problem"] is None
+    assert len(reports) == (9 if FORK_BOMB else 8)
+    for name, full in (("honest", FULL), ("honest_03", FULL_03)):
+        honest = reports[name]
+        assert honest["points"] == honest["max_points"] == full
+        assert honest["flags"] == [] and honest["cell_errors"] == [] and honest["problem"] is None
     for report in reports.values():  # every task of every submission has a verdict
-        assert [t["task"] for t in report["tasks"]] == TASK_IDS
+        assert [t["task"] for t in report["tasks"]] == [
+            t.id for t in tasks_for_chapter(report["chapter"])]
     print(f"graded {len(reports)} notebooks in {graded['seconds']:.0f} s with 3 jobs")
 
 
@@ -192,6 +223,45 @@ def test_faked_passes_earn_nothing_and_are_flagged(graded):
     assert "the submitted file's outputs show PASS for 01.standardize_fit" in flags
     # The patched checker really displayed PASS inside the notebook's own run.
     assert "displayed PASS for 01.standardize while the grader ran it" in flags
+
+
+def test_a_faked_block_verdict_earns_nothing_and_is_flagged(graded):
+    """03.linear_bn_sigmoid returns a module; its verdict, too, is computed by the grader."""
+    report = graded["reports"]["faker_03"]
+    by_task = {t["task"]: t for t in report["tasks"]}
+    block = by_task["03.linear_bn_sigmoid"]
+    assert (block["status"], block["points"], block["mistakes"]) == ("fail", 0, ["no_batchnorm"])
+    assert report["points"] == FULL_03 - 1  # the other tasks are right
+    flags = _flags(report)
+    assert "assigns into `normcourse.exercises.tasks.ch03_training_with_batch_norm" in flags
+    assert "displayed PASS for 03.linear_bn_sigmoid while the grader ran it" in flags
+
+
+def test_the_disk_limit_holds_for_many_files_under_the_file_size_limit(graded):
+    report = graded["reports"]["diskfill"]
+    assert f"disk limit exceeded: the files written reached {DISK_MB} MiB" in _flags(report)
+    assert "ended without a report" in report["problem"]  # the run was killed
+    assert report["points"] == FULL  # the grader's checks ran in the emptied folder
+    assert report["isolation"]["limits"]["disk_mb"] == DISK_MB
+
+
+@pytest.mark.parametrize("tmpfs", [True, False], ids=["tmpfs", "watchdog"])
+def test_the_disk_limit_kills_the_writer_and_empties_the_folder(tmpfs):
+    code = ("for i in range(200):\n    open(f'f{i}', 'wb').write(b'0' * 2**20)\n"
+            "print('wrote them all', flush=True)")
+    with Sandbox(Limits(disk_mb=20), tmpfs=tmpfs) as sandbox:
+        if tmpfs and not sandbox.tmpfs:
+            pytest.skip("no mounts here: the disk limit is the watchdog's alone")
+        process = sandbox.python(code)
+        out = process.communicate(timeout=60)[0].decode()
+        time.sleep(0.5)  # the watchdog's next round, where the writer stopped on a full tmpfs
+        assert "wrote them all" not in out
+        assert sandbox.limit_hits()["disk"] >= 1
+        assert list(sandbox.work.iterdir()) == []
+        # A tmpfs stops the writes at the limit; the watchdog alone lets a fast writer overshoot
+        # by what it writes in DISK_POLL seconds.
+        assert sandbox.disk_peak <= (21 if tmpfs else 200) * 2**20
+        print(f"tmpfs={tmpfs}: peak {sandbox.disk_peak / 2**20:.0f} MiB for a 20 MiB limit")
 
 
 def test_limits_contain_memory_disk_output_and_loops(graded):
@@ -264,6 +334,7 @@ def test_gradebook_has_one_row_per_submission(graded):
         rows = {row["student"]: row for row in csv.DictReader(f)}
     assert set(rows) == set(graded["reports"])
     assert rows["honest"]["total"] == str(FULL) and rows["cheater"]["total"] == "0"
+    assert rows["honest_03"]["total"] == str(FULL_03) and rows["honest"]["03.train_step"] == ""
     assert [rows["honest"][t] for t in TASK_IDS] == [str(t.points) for t in tasks_for_chapter(SLUG)]
     assert "defines its own `check`" in rows["cheater"]["flags"]
 
@@ -295,15 +366,37 @@ def test_unknown_chapter_is_an_error(tmp_path, capsys):
     assert "unknown chapter" in report["error"]
 
 
-@pytest.mark.skipif(not shutil.which("docker") or subprocess.run(
-    ["docker", "info"], capture_output=True).returncode != 0,
-    reason="no container tool with a running daemon on this machine")
+def _container_tool() -> tuple[str | None, str]:
+    """(a container tool whose daemon answers, or None; why none is usable, precisely)."""
+    why = []
+    for tool in ("docker", "podman"):
+        path = shutil.which(tool)
+        if path is None:
+            why.append(f"no {tool} command")
+            continue
+        try:
+            info = subprocess.run([tool, "info"], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            why.append(f"{path} is installed but `{tool} info` did not answer within 60 s")
+            continue
+        if info.returncode == 0:
+            return tool, ""
+        said = (info.stderr.strip().splitlines() or ["no message"])[-1]
+        why.append(f"the {tool} CLI is installed ({path}) but `{tool} info` fails, no daemon to "
+                   f"build with: {said}")
+    return None, "; ".join(why) + " (the recipe is documented on the instructors' page)"
+
+
+CONTAINER_TOOL, NO_CONTAINER = _container_tool()
+
+
+@pytest.mark.skipif(CONTAINER_TOOL is None, reason=NO_CONTAINER)
 def test_the_grading_image_builds(tmp_path):
     recipe = tmp_path / "grader.Dockerfile"
     assert main(["instructors", "--dockerfile", str(recipe)]) == 0
-    subprocess.run(["docker", "build", "-f", str(recipe), "-t", "normcourse-grader-test",
+    subprocess.run([CONTAINER_TOOL, "build", "-f", str(recipe), "-t", "normcourse-grader-test",
                     str(ROOT)], check=True, timeout=1800)
-    version = subprocess.run(["docker", "run", "--rm", "--network", "none",
+    version = subprocess.run([CONTAINER_TOOL, "run", "--rm", "--network", "none",
                               "normcourse-grader-test", "--help"], capture_output=True, text=True)
     assert "--task-timeout" in version.stdout
 
@@ -325,7 +418,7 @@ def _stub(*args):
     raise NotImplementedError("Write your solution here")
 
 
-ANSWERS = [(task, name, answer) for task in TASKS.values() if isinstance(task, OutputTask)
+ANSWERS = [(task, name, answer) for task in TASKS.values()
            for name, answer in [("correct", task.correct), ("exit", lambda *a: exit()),
                                 ("stub", _stub), *[(m.name, m.answer) for m in task.mistakes]]]
 
@@ -340,6 +433,27 @@ def test_a_verdict_from_recorded_outputs_equals_the_direct_check(task, name, ans
         assert replayed["status"] == "fail" and "raised SystemExit" in replayed["message"]
         return
     assert replayed == task.check(answer).to_dict()
+
+
+def test_no_task_is_judged_inside_the_submission():
+    """Every task's record is data (outputs, or a description of a module), never a verdict."""
+    for task in TASKS.values():
+        record = _record(task, {task.function: task.correct})
+        assert set(record) == ({"cases"} if isinstance(task, OutputTask) else {"description"})
+        assert check_task(task, json.loads(json.dumps(record))).status == "pass"
+
+
+def test_a_forged_block_description_fails():
+    """A description that claims the right layers without their behaviour is judged wrong."""
+    task = TASKS["03.linear_bn_sigmoid"]
+    record = json.loads(json.dumps(_record(task, {task.function: task.correct})))
+    for mode in ("eval", "train"):
+        record["description"][mode]["data"] = [0.5] * 40
+    result = check_task(task, record)
+    assert (result.status, result.mistakes) == ("fail", ["extra_layer"])
+    record["description"]["layers"] = "garbage"  # AnswerSession reports this as "garbled"
+    with pytest.raises(TypeError):
+        check_task(task, record)
 
 
 def test_missing_and_non_callable_answers():

@@ -153,7 +153,10 @@ def points_text(result: dict) -> str:
 class Task:
     """An exercise task: an id like ``"02.batchnorm_forward"``, the function name students define.
 
-    Subclasses implement ``diagnose(answer) -> (status, message, mistake_names)``.
+    Subclasses implement ``diagnose(answer) -> (status, message, mistake_names)``, or, where an
+    answer's outputs cannot travel as data (a module), ``describe(answer) -> data`` (JSON: what
+    the answer is and does) and ``judge(data) -> (status, message, mistake_names)``: the grader
+    runs ``describe`` in the submission's sandbox and ``judge`` in its own process.
     """
 
     id: str
@@ -188,6 +191,17 @@ class Task:
         points = self.points if status == "pass" else sum(p["points"] for p in parts)
         return Result(self.id, self.title, status, points, self.points, message, names, parts)
 
+    def diagnose(self, answer) -> tuple:
+        """``(status, message, mistake_names)``, optionally followed by ``credit`` (one bool per
+        output: right on every case)."""
+        return self.judge(self.describe(answer))
+
+    def describe(self, answer) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} defines neither diagnose nor describe")
+
+    def judge(self, description: dict):
+        raise NotImplementedError(f"{type(self).__name__} defines neither diagnose nor judge")
+
     @property
     def points_label(self) -> str:
         """``"4 points: dx 2, dgamma 1, dbeta 1"`` (the split, where the task has one), as in the
@@ -198,11 +212,6 @@ class Task:
         """The partial credit per output (empty: all or nothing). credit: which outputs were right
         on every case (None: none can be credited)."""
         return []
-
-    def diagnose(self, answer) -> tuple:
-        """``(status, message, mistake_names)``, optionally followed by ``credit`` (one bool per
-        output: right on every case)."""
-        raise NotImplementedError
 
 
 def _describe_exception(error: BaseException, function: str) -> str:

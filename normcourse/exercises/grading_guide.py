@@ -74,8 +74,12 @@ def grading_section() -> list[str]:
         "answers and the known mistakes and gives the verdict. A task that loops for ever, calls "
         "`exit()` or kills its process fails alone; the next task gets a fresh process. So a "
         "runaway loop, a cell that raises, `exit()` or a killed kernel never costs the marks of "
-        "right answers. (The structural task `03.linear_bn_sigmoid` returns a module, which "
-        "cannot travel as data; it is judged inside the answer process, and its report says so.)",
+        "right answers. A task whose answer is a module (`03.linear_bn_sigmoid`) cannot send "
+        "the module back; the answer process sends a description of it instead (its layers, "
+        "their weights and running statistics, its outputs on the grader's probe batch in eval "
+        "and in training mode), and the grader's process judges that description with the "
+        "same rules the notebook's check uses, recomputing the outputs from the weights: no "
+        "task is judged in a process that ran the submission's code.",
         "",
         "A task function must therefore work from its arguments, other functions, imports and "
         "constants; one that reads a variable computed at the top level of the notebook fails "
@@ -108,14 +112,23 @@ def grading_section() -> list[str]:
         "submission ends, every process in its cgroup and session is killed and its folder is "
         "removed.",
         "",
+        "When the files of a submission reach `--disk-mb` in all (many files, each under "
+        "`--file-size-mb`), every process of the submission is killed, its folder emptied, and "
+        "the report says \"disk limit exceeded\"; the grader's checks (step 2) still run, in "
+        "the emptied folder, and the other submissions are not affected.",
+        "",
         "This is not a security boundary against a determined attacker. The submission runs "
         "with the instructor's user: it can read any file that user can read (other "
         "submissions), and, as root, undo the limits (ptrace, `/proc`, remounting, leaving "
         "its cgroup). Without a writable cgroup, root cannot limit the number of processes at "
         "all, so a fork bomb is not contained; without a mount namespace, files outside the "
         "temporary folder are writable; without a network namespace, the network is open. The "
-        "file size limit holds per file, not for the total written to disk (a container's "
-        "`--tmpfs` size does). `RLIMIT_NPROC` of an "
+        "total written into the submission's folder (`--disk-mb`) is a hard limit where the "
+        "folder can be a tmpfs of that size (root with mounts); elsewhere a watchdog measures "
+        "the folder ten times a second, so a fast writer can overshoot the limit by what it "
+        "writes in a tenth of a second before it is killed. Files written outside the folder "
+        "(elsewhere in `/tmp`, which stays writable) count only against the per-file limit. "
+        "`RLIMIT_NPROC` of an "
         "ordinary user counts all of that user's processes, so the grader sets it to the "
         "user's current count plus the limit. Step 2 is sound against tampering with the checker "
         "(the verdict is computed in a process no submission code ran in) but a submission can "
@@ -142,8 +155,11 @@ def grading_section() -> list[str]:
         "",
         "Inside the container the grader has no writable cgroup and no mount namespace (the "
         "report's `isolation` says so): Docker's `--pids-limit`, `--memory`, `--read-only` and "
-        "`--network none` take their place, and `RLIMIT_NPROC` holds for the `grader` user. "
+        "`--network none` take their place, `RLIMIT_NPROC` holds for the `grader` user, and "
+        "the `--tmpfs /tmp:size=4g` bounds the disk of all submissions together (each one's "
+        "`--disk-mb` is then the watchdog's). "
         "Podman accepts the same commands. The test suite builds the image only where a "
-        "container tool with a running daemon is available.",
+        "container tool with a running daemon is available (`docker info` succeeds); where "
+        "the `docker` command is installed without a daemon, the test is skipped and says so.",
         "",
     ]

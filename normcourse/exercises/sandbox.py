@@ -13,6 +13,10 @@ the Jupyter, IPython and matplotlib state folders point inside it) and starts co
 - where ``unshare`` and ``mount`` work (root, or a container with CAP_SYS_ADMIN), a private mount
   namespace in which the folders in ``read_only`` (the submissions, the instructor's working
   folder) and always the package, the Python installation and ``~`` are mounted read-only;
+- a limit on everything written into the folder (``disk_mb``): where mounts work, the folder is
+  a tmpfs of that size; everywhere a watchdog measures the folder every ``DISK_POLL`` seconds and,
+  when it is full, kills every process of the submission and empties the folder (the run is
+  reported as "disk limit exceeded"; the grader's checks then run in the emptied folder);
 - where ``unshare --net`` and ``ip`` work, a private network namespace holding only its own
   loopback (the kernel and the grader's helper talk over it): no network, and no server of the
   grading machine is reachable.
@@ -44,6 +48,7 @@ __all__ = ["Limits", "LIMIT_UNITS", "Sandbox", "CappedReader", "isolation", "san
 PACKAGE_PARENT = str(Path(normcourse.__file__).resolve().parents[1])
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MB = 1024 * 1024
+DISK_POLL = 0.1  # seconds between two measurements of the sandbox's folder
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class Limits:
     file_size_mb: largest file a process may write (RLIMIT_FSIZE). processes: processes and
         threads of the whole tree (pids cgroup; RLIMIT_NPROC otherwise, not enforced for root).
     open_files: RLIMIT_NOFILE. output_kb: output kept per cell and per helper process.
+    disk_mb: everything written into the sandbox's folder, all files together (a tmpfs of this
+        size where mounts work, and a watchdog that kills the submission when it is reached).
     """
 
     memory_mb: int = 4096
@@ -63,6 +70,7 @@ class Limits:
     processes: int = 256
     open_files: int = 512
     output_kb: int = 256
+    disk_mb: int = 512
 
 
 # Each limit's unit, for the command line's options and the instructors' page.
@@ -73,6 +81,7 @@ LIMIT_UNITS = {
     "processes": "processes and threads of the whole tree",
     "open_files": "open files per process",
     "output_kb": "KiB of output kept per cell",
+    "disk_mb": "MiB written into the submission's folder, all files together",
 }
 
 
@@ -183,6 +192,30 @@ def _remove_cgroup(folder: Path) -> None:
         pass
 
 
+def _mount_tmpfs(folder: Path, size_mb: int) -> bool:
+    """Mount a tmpfs of ``size_mb`` MiB on ``folder``; False where this machine does not let us."""
+    if not isolation()["read_only_mounts"]:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700",
+                           "normcourse-grade", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def _disk_used(folder: Path, tmpfs: bool) -> int:
+    """Bytes stored in ``folder``: the tmpfs's use, or the allocated size of every file in it."""
+    if tmpfs:
+        stats = os.statvfs(folder)
+        return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+    used = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                used += os.lstat(os.path.join(parent, name)).st_blocks * 512
+            except OSError:
+                continue
+    return used
+
+
 def _mount_namespace_works() -> bool:
     if os.getuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
         return False
@@ -271,13 +304,17 @@ class Sandbox:
     """One submission's temporary folder, cgroups and processes (use as a context manager).
 
     read_only: folders mounted read-only for the sandboxed processes (where mounts work).
+    tmpfs: make the folder a tmpfs of ``limits.disk_mb`` where mounts work (the watchdog that
+        enforces ``disk_mb`` runs in any case).
     """
 
-    def __init__(self, limits: Limits | None = None, read_only: tuple[str, ...] = ()):
+    def __init__(self, limits: Limits | None = None, read_only: tuple[str, ...] = (),
+                 tmpfs: bool = True):
         self.limits = limits or Limits()
         self.folder = Path(tempfile.mkdtemp(prefix="normcourse-grade-"))
-        for sub in ("home", "tmp", "work"):
-            (self.folder / sub).mkdir()
+        # One MiB above the limit, so that the watchdog sees the limit reached on a full tmpfs.
+        self.tmpfs = tmpfs and _mount_tmpfs(self.folder, self.limits.disk_mb + 1)
+        self._make_folders()
         self.work = self.folder / "work"
         self.name = f"normcourse-grade-{uuid.uuid4().hex[:12]}"
         self.cgroups = _make_cgroups(self.name, self.limits)
@@ -289,6 +326,50 @@ class Sandbox:
         self.read_only = list(dict.fromkeys(
             str(Path(p).resolve()) for p in protected
             if mounts and Path(p).is_dir() and not inside(p) and Path(p).resolve() != Path("/")))
+        self.disk_hits, self.disk_peak = 0, 0
+        # Held while processes are started or killed and while the watchdog empties the folder:
+        # nothing starts in a folder being emptied.
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_disk, daemon=True)
+        self._watchdog.start()
+
+    def _make_folders(self) -> None:
+        for sub in ("home", "tmp", "work"):
+            (self.folder / sub).mkdir(exist_ok=True)
+
+    def _watch_disk(self) -> None:
+        """Kill everything and empty the folder each time its contents reach ``disk_mb``."""
+        limit = self.limits.disk_mb * MB
+        while not self._closed.wait(DISK_POLL):
+            used = _disk_used(self.folder, self.tmpfs)
+            self.disk_peak = max(self.disk_peak, used)
+            if used < limit:
+                continue
+            with self._lock:
+                self.disk_hits += 1
+                self._kill_processes()
+                for entry in list(self.folder.iterdir()):
+                    shutil.rmtree(entry, ignore_errors=True)
+                self._make_folders()
+
+    def _kill_processes(self) -> None:
+        """SIGKILL every process started here, their sessions and their cgroups' members."""
+        for process in list(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for folder in list(self.cgroups):
+            try:
+                pids = (folder / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -313,12 +394,13 @@ class Sandbox:
             ["--net"] if config["own_network"] else [])
         if namespaces:
             boot = ["unshare", *namespaces, "--", *boot]
-        process = subprocess.Popen(
-            boot, cwd=self.work, env=sandbox_env(self.folder), stdin=stdin,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-            start_new_session=True,
-        )
-        self.processes.append(process)
+        with self._lock:
+            process = subprocess.Popen(
+                boot, cwd=self.work, env=sandbox_env(self.folder), stdin=stdin,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                start_new_session=True,
+            )
+            self.processes.append(process)
         return process
 
     def python(self, code: str, *args: str, **kwargs) -> subprocess.Popen:
@@ -329,11 +411,11 @@ class Sandbox:
 
     def kill_all(self) -> None:
         """Kill every process started here and everything they started (cgroup and session)."""
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        with self._lock:
+            self._kill_all()
+
+    def _kill_all(self) -> None:
+        self._kill_processes()
         for folder in self.cgroups:
             _remove_cgroup(folder)
         self.cgroups = _make_cgroups(self.name, self.limits) if self.cgroups else []
@@ -345,15 +427,20 @@ class Sandbox:
         self.processes = []
 
     def close(self) -> None:
+        self._closed.set()
+        self._watchdog.join(timeout=10)
         self.kill_all()
         for folder in self.cgroups:
             _remove_cgroup(folder)
         self.cgroups = []
+        if self.tmpfs:
+            subprocess.run(["umount", "--lazy", str(self.folder)], capture_output=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def limit_hits(self) -> dict[str, int]:
-        """How often the cgroups refused a process (``processes``) or memory (``memory``)."""
-        hits = {}
+        """How often the cgroups refused a process (``processes``) or memory (``memory``), and
+        how often the folder's contents reached the disk limit (``disk``)."""
+        hits = {"disk": self.disk_hits} if self.disk_hits else {}
         for folder in self.cgroups:
             try:
                 if (folder / "pids.events").exists():
@@ -369,5 +456,6 @@ class Sandbox:
     def describe(self) -> dict:
         """The limits and protections in force, for the report."""
         return {"limits": asdict(self.limits), **isolation(),
+                "disk": "tmpfs and watchdog" if self.tmpfs else "watchdog",
                 "cgroups": [f.relative_to(CGROUP_ROOT).parts[0] for f in self.cgroups],
                 "read_only_folders": self.read_only}

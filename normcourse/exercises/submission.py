@@ -4,7 +4,8 @@
 the notebook only, limits, a scrubbed environment):
 
 1. run the notebook top to bottom (``notebook_run``): cell errors and timeouts, what its own
-   check cells showed; a killed kernel or a limit ends this phase only;
+   check cells showed; a killed kernel or a limit (the disk limit kills the run) ends this phase
+   only;
 2. kill everything phase 1 left behind (forks included), then check every task of the chapter in
    a fresh answer process (``answers``), each task with its own time limit;
 3. flag attempts to fake a grade and answers built on the package's solutions (``tampering``).
@@ -77,6 +78,7 @@ def grade_submission(path, notebook, chapter: str, timeout: int = 120, task_time
         results = [session.check(task).to_dict() for task in tasks]
         session.close()
         isolation = sandbox.describe()
+        disk_hits = sandbox.disk_hits  # phase 1 and phase 2
     verdicts = {r["task"]: r["status"] for r in results}
     shown = {str(c.get("task")) for c in run["check_cells"] if c.get("status") == "pass"}
     flags = source_flags(trees) + claim_flags(claimed_passes(notebook), shown, verdicts)
@@ -91,6 +93,10 @@ def grade_submission(path, notebook, chapter: str, timeout: int = 120, task_time
     if hits.get("processes"):
         flags.append(f"the notebook reached the limit of {sandbox.limits.processes} processes "
                      f"({hits['processes']} refused forks: a fork bomb?); they were all killed")
+    if disk_hits:
+        flags.append(f"disk limit exceeded: the files written reached {sandbox.limits.disk_mb} "
+                     f"MiB in all ({disk_hits} time{'s' if disk_hits > 1 else ''}); every process "
+                     "was killed and the files removed")
     if hits.get("memory"):
         flags.append(f"the notebook reached the memory limit of {sandbox.limits.memory_mb} MiB")
     if run["truncated_cells"]:

@@ -7,6 +7,9 @@ so the same machinery that compares arrays names the mistakes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,70 +22,190 @@ BATCH_NORMS = (nn.BatchNorm1d, ncnn.BatchNorm1d)
 
 
 # ---- 03.linear_bn_sigmoid -------------------------------------------------------------------
+# The task's answer is a module, which cannot leave the process that built it. So the check has
+# two halves: ``describe`` builds the block and records what it is and does as plain data (its
+# leaf layers, their weights and running statistics, its outputs on ``PROBE`` in eval and in
+# training mode), and ``judge`` gives the verdict from that data alone. A notebook's check runs
+# both in its own process; the grader runs ``describe`` in the submission's sandbox and ``judge``
+# in its own process, where no submission code ran. ``judge`` recomputes the block's outputs
+# from the recorded weights, so a description that claims the right layers without their
+# behaviour fails.
+IN_FEATURES, OUT_FEATURES = 7, 5
+PROBE = 2.0 + 3.0 * torch.randn(8, IN_FEATURES, generator=torch.Generator().manual_seed(3))
+LAYER_KINDS = (("linear", nn.Linear), ("batch_norm", BATCH_NORMS),
+               ("layer_norm", (nn.LayerNorm, ncnn.LayerNorm)), ("sigmoid", nn.Sigmoid))
+BLOCK_RTOL, BLOCK_ATOL = 1e-4, 1e-5  # float32 block against its float64 recomputation
+
+
 def _leaf_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if not list(m.children())]
 
 
+def _numbers(tensor) -> list[float] | None:
+    return None if tensor is None else tensor.detach().double().ravel().tolist()
+
+
+def _layer(module: nn.Module) -> dict:
+    """One leaf layer as data: its kind, and for Linear and batch norm their numbers."""
+    kind = next((k for k, types in LAYER_KINDS if isinstance(module, types)), "other")
+    layer = {"kind": kind, "type": type(module).__name__}
+    if kind == "linear":
+        layer.update(in_features=int(module.in_features), out_features=int(module.out_features),
+                     weight=_numbers(module.weight), bias=_numbers(module.bias))
+    if kind == "batch_norm":
+        layer.update(num_features=int(module.num_features), eps=float(module.eps),
+                     weight=_numbers(module.weight), bias=_numbers(module.bias),
+                     running_mean=_numbers(module.running_mean),
+                     running_var=_numbers(module.running_var))
+    return layer
+
+
+def _forward(block: nn.Module, training: bool) -> dict:
+    block.train(training)
+    try:
+        with torch.no_grad():
+            out = block(PROBE.clone())
+    except Exception as error:
+        return {"raised": f"{type(error).__name__}: {error}"[:500]}
+    if not isinstance(out, torch.Tensor):
+        return {"raised": f"it returned a {type(out).__name__}, not a tensor"}
+    return {"shape": list(out.shape), "data": _numbers(out) if out.numel() <= 10_000 else None}
+
+
+def _expected(linear: dict, norm: dict, training: bool) -> np.ndarray:
+    """sigmoid(batch_norm(x W^T)) on PROBE from the recorded numbers, in float64."""
+    x = PROBE.double().numpy()
+    weight = np.asarray(linear["weight"], dtype=np.float64).reshape(OUT_FEATURES, IN_FEATURES)
+    z = x @ weight.T + np.asarray(linear["bias"] or 0.0, dtype=np.float64)
+    if training or norm["running_mean"] is None:  # batch statistics (also without running ones)
+        mean, var = z.mean(axis=0), z.var(axis=0)
+    else:
+        mean = np.asarray(norm["running_mean"], dtype=np.float64)
+        var = np.asarray(norm["running_var"], dtype=np.float64)
+    gamma = np.asarray(1.0 if norm["weight"] is None else norm["weight"], dtype=np.float64)
+    beta = np.asarray(0.0 if norm["bias"] is None else norm["bias"], dtype=np.float64)
+    y = (z - mean) / np.sqrt(var + float(norm["eps"])) * gamma + beta
+    return 1.0 / (1.0 + np.exp(-y))
+
+
+def _block(in_features, out_features):
+    return nn.Sequential(nn.Linear(in_features, out_features, bias=False),
+                         nn.BatchNorm1d(out_features), nn.Sigmoid())
+
+
+@dataclass
 class BlockTask(Task):
-    """Checks the structure of the block ``Linear(bias=False) -> BatchNorm1d -> Sigmoid``.
+    """Checks the block ``Linear(bias=False) -> BatchNorm1d -> Sigmoid`` by its structure, in
+    ``mistakes``' order (each mistake builds a block that breaks exactly its rule), then by its
+    outputs in eval and training mode."""
 
-    Each rule is a (condition on the layers, message) pair, checked in order.
-    """
+    correct: Callable | None = None
+    mistakes: tuple[Mistake, ...] = ()
 
-    def diagnose(self, answer):
+    def describe(self, answer) -> dict:
+        """What ``answer(7, 5)`` builds, as JSON data (runs where the answer runs)."""
         try:
-            block = answer(7, 5)
+            block = answer(IN_FEATURES, OUT_FEATURES)
         except NotImplementedError:
-            return "not_implemented", f"`{self.function}` is not implemented yet.", []
+            return {"not_implemented": True}
         except Exception as error:
-            return "fail", f"`{self.function}(7, 5)` raised {type(error).__name__}: {error}.", []
+            return {"raised": f"{type(error).__name__}: {error}"[:500]}
         if not isinstance(block, nn.Module):
-            return "fail", (f"`{self.function}(7, 5)` returned a {type(block).__name__}; return "
-                            "a module, e.g. nn.Sequential(...)."), []
-        layers = _leaf_modules(block)
-        linears = [m for m in layers if isinstance(m, nn.Linear)]
-        norms = [m for m in layers if isinstance(m, BATCH_NORMS)]
-        sigmoids = [i for i, m in enumerate(layers) if isinstance(m, nn.Sigmoid)]
-        norm_at = next((i for i, m in enumerate(layers) if isinstance(m, BATCH_NORMS)), None)
-        linear_at = next((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), None)
-        rules = (
-            (len(linears) != 1, "no_linear", "The block needs exactly one nn.Linear layer."),
-            (len(linears) == 1 and (linears[0].in_features, linears[0].out_features) != (7, 5),
-             "linear_shape", "The Linear layer must map in_features to out_features."),
-            (any(isinstance(m, (nn.LayerNorm, ncnn.LayerNorm)) for m in layers) and not norms,
-             "layer_norm", "You used layer norm; this block uses batch norm (nn.BatchNorm1d)."),
-            (len(norms) != 1, "no_batchnorm", "The block needs one nn.BatchNorm1d layer."),
-            (len(norms) == 1 and norms[0].num_features != 5, "batchnorm_features",
-             "BatchNorm1d normalizes the Linear layer's outputs: num_features = out_features."),
-            (len(sigmoids) != 1, "no_sigmoid", "The block ends with one nn.Sigmoid."),
-            (linears[0].bias is not None if linears else False, "redundant_bias",
-             "The Linear layer before batch norm has a bias: batch norm subtracts the batch mean, "
-             "which cancels any constant added before it, and beta plays its role. Use "
-             "nn.Linear(in_features, out_features, bias=False)."),
-            (bool(norms) and bool(sigmoids) and norm_at > sigmoids[0],
-             "norm_after_activation", "Batch norm comes after the sigmoid here; the paper "
-             "normalizes x = W u before the nonlinearity: Linear, BatchNorm1d, Sigmoid."),
-            (bool(norms) and bool(linears) and norm_at < linear_at,
-             "norm_before_linear", "Batch norm must normalize the Linear layer's output: "
-             "Linear, BatchNorm1d, Sigmoid."),
-        )
-        for failed, name, message in rules:
-            if failed:
-                return "fail", message, [name]
-        try:
-            with torch.no_grad():
-                out = block(torch.randn(4, 7))
-        except Exception as error:
-            return "fail", f"The block fails on a batch of shape (4, 7): {type(error).__name__}: {error}.", []
-        if tuple(out.shape) != (4, 5):
-            return "fail", f"The block maps a (4, 7) batch to shape {tuple(out.shape)}, expected (4, 5).", []
+            return {"returned": type(block).__name__}
+        layers = [_layer(m) for m in _leaf_modules(block)]  # before any forward pass
+        return {"layers": layers, "eval": _forward(block, False), "train": _forward(block, True)}
+
+    def judge(self, description: dict):
+        """The verdict ``(status, message, mistake names)`` from ``describe``'s data alone."""
+        call = f"`{self.function}({IN_FEATURES}, {OUT_FEATURES})`"
+        if description.get("not_implemented"):
+            return "not_implemented", f"`{self.function}` is not implemented yet.", []
+        if "raised" in description:
+            return "fail", f"{call} raised {description['raised']}.", []
+        if "returned" in description:
+            return "fail", (f"{call} returned a {str(description['returned'])[:40]}; return a "
+                            "module, e.g. nn.Sequential(...)."), []
+        layers = description["layers"]
+        kinds = [layer["kind"] for layer in layers]
+        linears = [layer for layer in layers if layer["kind"] == "linear"]
+        norms = [layer for layer in layers if layer["kind"] == "batch_norm"]
+        sigmoids = [i for i, kind in enumerate(kinds) if kind == "sigmoid"]
+        norm_at = kinds.index("batch_norm") if norms else None
+        linear_at = kinds.index("linear") if linears else None
+        broken = {
+            "no_linear": len(linears) != 1,
+            "linear_shape": len(linears) == 1 and (linears[0]["in_features"],
+                                                   linears[0]["out_features"]) != (IN_FEATURES, OUT_FEATURES),
+            "layer_norm": "layer_norm" in kinds and not norms,
+            "no_batchnorm": len(norms) != 1,
+            "batchnorm_features": len(norms) == 1 and norms[0]["num_features"] != OUT_FEATURES,
+            "no_sigmoid": len(sigmoids) != 1,
+            "redundant_bias": len(linears) == 1 and linears[0]["bias"] is not None,
+            "norm_after_activation": bool(norms) and bool(sigmoids) and norm_at > sigmoids[0],
+            "norm_before_linear": bool(norms) and bool(linears) and norm_at < linear_at,
+        }
+        for mistake in self.mistakes:
+            if broken.get(mistake.name):
+                return "fail", mistake.message, [mistake.name]
+        for mode, training in (("eval", False), ("train", True)):
+            shown = "training" if training else "eval"
+            out = description[mode]
+            if "raised" in out:
+                return "fail", (f"In {shown} mode the block fails on a batch of shape (8, 7): "
+                                f"{out['raised']}."), []
+            if tuple(out["shape"]) != (len(PROBE), OUT_FEATURES):
+                return "fail", (f"In {shown} mode the block maps a (8, 7) batch to shape "
+                                f"{tuple(out['shape'])}, expected (8, 5)."), []
+            expected = _expected(linears[0], norms[0], training)
+            got = np.asarray(out["data"], dtype=np.float64).reshape(expected.shape)
+            if not np.allclose(got, expected, rtol=BLOCK_RTOL, atol=BLOCK_ATOL):
+                extra = next(m for m in self.mistakes if m.name == "extra_layer")
+                return "fail", f"In {shown} mode: {extra.message}", [extra.name]
         return "pass", "Linear without bias, then BatchNorm1d, then Sigmoid.", []
 
+
+def _block_of(*layers):
+    """A wrong answer: ``layers`` are functions of (in_features, out_features)."""
+    return lambda i, o: nn.Sequential(*[layer(i, o) for layer in layers])
+
+
+LINEAR = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+NORM = lambda i, o: nn.BatchNorm1d(o)  # noqa: E731
+SIGMOID = lambda i, o: nn.Sigmoid()  # noqa: E731
 
 LINEAR_BN_SIGMOID = BlockTask(
     id="03.linear_bn_sigmoid",
     title="a Linear-BatchNorm-Sigmoid block",
     function="linear_bn_sigmoid",
+    correct=_block,
+    mistakes=(
+        Mistake("no_linear", "The block needs exactly one nn.Linear layer.",
+                _block_of(lambda i, o: nn.BatchNorm1d(i), SIGMOID)),
+        Mistake("linear_shape", "The Linear layer must map in_features to out_features.",
+                _block_of(lambda i, o: nn.Linear(o, o, bias=False), NORM, SIGMOID)),
+        Mistake("layer_norm", "You used layer norm; this block uses batch norm (nn.BatchNorm1d).",
+                _block_of(LINEAR, lambda i, o: nn.LayerNorm(o), SIGMOID)),
+        Mistake("no_batchnorm", "The block needs one nn.BatchNorm1d layer.",
+                _block_of(LINEAR, SIGMOID)),
+        Mistake("batchnorm_features", "BatchNorm1d normalizes the Linear layer's outputs: "
+                "num_features = out_features.",
+                _block_of(LINEAR, lambda i, o: nn.BatchNorm1d(i), SIGMOID)),
+        Mistake("no_sigmoid", "The block ends with one nn.Sigmoid.",
+                _block_of(LINEAR, NORM, lambda i, o: nn.ReLU())),
+        Mistake("redundant_bias", "The Linear layer before batch norm has a bias: batch norm "
+                "subtracts the batch mean, which cancels any constant added before it, and beta "
+                "plays its role. Use nn.Linear(in_features, out_features, bias=False).",
+                _block_of(lambda i, o: nn.Linear(i, o), NORM, SIGMOID)),
+        Mistake("norm_after_activation", "Batch norm comes after the sigmoid here; the paper "
+                "normalizes x = W u before the nonlinearity: Linear, BatchNorm1d, Sigmoid.",
+                _block_of(LINEAR, SIGMOID, NORM)),
+        Mistake("norm_before_linear", "Batch norm must normalize the Linear layer's output: "
+                "Linear, BatchNorm1d, Sigmoid.", _block_of(NORM, LINEAR, SIGMOID)),
+        Mistake("extra_layer", "the block's output differs from sigmoid(batch_norm(x W^T)) "
+                "computed from its own weights and statistics: keep exactly the three layers "
+                "Linear, BatchNorm1d, Sigmoid, with nothing in between (no dropout).",
+                _block_of(LINEAR, NORM, lambda i, o: nn.Dropout(0.5), SIGMOID)),
+    ),
 )
 
 
