@@ -28,14 +28,14 @@ __all__ = ["batchnorm_graph", "data_panels", "normalization_axes", "NORMALIZATIO
 # per operation node; gamma and beta are the parameters.
 GRAPH_NODES = {
     "x": ((0.0, 1.0), r"$x$"),
-    "mu": ((1.6, 2.2), r"$\mu = \mathrm{mean}(x)$"),
-    "xmu": ((3.4, 1.0), r"$x - \mu$"),
-    "var": ((5.4, 2.2), r"$\sigma^2 = \mathrm{mean}((x-\mu)^2)$"),
-    "std": ((7.9, 2.2), r"$\mathrm{std} = \sqrt{\sigma^2 + \epsilon}$"),
-    "xhat": ((8.6, 1.0), r"$\hat x = (x - \mu) / \mathrm{std}$"),
-    "gamma": ((10.3, 2.2), r"$\gamma$"),
-    "beta": ((10.3, -0.2), r"$\beta$"),
-    "y": ((11.6, 1.0), r"$y = \gamma \hat x + \beta$"),
+    "mu": ((1.5, 2.2), r"$\mu = \mathrm{mean}(x)$"),
+    "xmu": ((3.1, 1.0), r"$x - \mu$"),
+    "var": ((5.0, 2.2), r"$\sigma^2 = \mathrm{mean}((x-\mu)^2)$"),
+    "std": ((7.6, 2.2), r"$\mathrm{std} = \sqrt{\sigma^2 + \epsilon}$"),
+    "xhat": ((8.3, 1.0), r"$\hat x = (x - \mu) / \mathrm{std}$"),
+    "gamma": ((10.0, 2.2), r"$\gamma$"),
+    "beta": ((10.0, -0.2), r"$\beta$"),
+    "y": ((11.3, 1.0), r"$y = \gamma \hat x + \beta$"),
 }
 GRAPH_EDGES = (("x", "mu"), ("x", "xmu"), ("mu", "xmu"), ("xmu", "var"), ("var", "std"),
                ("xmu", "xhat"), ("std", "xhat"), ("xhat", "y"), ("gamma", "y"), ("beta", "y"))
@@ -49,12 +49,12 @@ def _node_box(ax, name, position, label, used_twice):
         style.update(facecolor="#e8f0fb", edgecolor="tab:blue")
     if used_twice:
         style.update(facecolor="#fff2cc", edgecolor="tab:orange", linewidth=2.2)
-    text = ax.text(*position, label, ha="center", va="center", fontsize=11, bbox=style, zorder=3)
+    text = ax.text(*position, label, ha="center", va="center", fontsize=10, bbox=style, zorder=3)
     text.set_gid(f"node:{name}")
     return text
 
 
-def batchnorm_graph(figsize=(10.5, 3.6)):
+def batchnorm_graph(figsize=(9.4, 3.4)):
     """Batch norm's forward pass as a graph, with the backward pass drawn through it.
 
     Black arrows: the forward pass (nodes as in ``reference.batchnorm_forward``). Red dashed
@@ -73,7 +73,7 @@ def batchnorm_graph(figsize=(10.5, 3.6)):
                               arrowprops=dict(arrowstyle="-|>", color="black", lw=1.2,
                                               patchA=texts[source].get_bbox_patch(),
                                               patchB=texts[target].get_bbox_patch(),
-                                              shrinkA=2, shrinkB=2), zorder=2)
+                                              shrinkA=3, shrinkB=5), zorder=4)
         forward.set_gid(f"forward:{source}->{target}")
         # the gradient goes the other way, slightly offset below the forward arrow
         start, end = _offset(GRAPH_NODES[target][0], GRAPH_NODES[source][0])
@@ -92,19 +92,19 @@ def batchnorm_graph(figsize=(10.5, 3.6)):
     upstream.set_gid("upstream")
     notes = {
         "x": ("used twice: its gradient is\n" r"the sum of the paths via $\mu$" "\n"
-              r"and via $x - \mu$", (0.0, 0.55)),
+              r"and via $x - \mu$", (0.1, 0.6)),
         "xmu": ("used twice: its gradient is\n" r"the sum of the paths via $\sigma^2$" "\n"
-                r"and via $\hat x$", (3.4, 0.55)),
+                r"and via $\hat x$", (3.1, 0.6)),
     }
     for name, (note, where) in notes.items():
-        text = ax.text(*where, note, ha="center", va="top", fontsize=9.5, color="tab:orange")
+        text = ax.text(*where, note, ha="center", va="top", fontsize=9, color="tab:orange")
         text.set_gid(f"used_twice:{name}")
     legend = [plt.Line2D([], [], color="black", lw=1.2, label="forward"),
               plt.Line2D([], [], color="tab:red", lw=1.0, ls="--",
                          label="backward: the gradient of the loss w.r.t. each node")]
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(0.0, 1.12), ncol=2,
               frameon=False, fontsize=9.5)
-    ax.set_xlim(-0.9, 12.6)
+    ax.set_xlim(-0.8, 12.2)
     ax.set_ylim(-0.6, 2.7)
     ax.axis("off")
     fig.tight_layout()

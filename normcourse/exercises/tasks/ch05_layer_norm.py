@@ -196,7 +196,7 @@ def _dependence_case(description, seed):
     return Case(description, make)
 
 
-def _dependence(x, others, batch_sizes, bn_train_mode=True, whole_batch=False):
+def _dependence(x, others, batch_sizes, whole_batch=False, second_start=None):
     """For each m: max |change| of x's output (row 0) between batches [x, others[:m-1]] and
     [x, others[m-1:2m-2]], under BatchNorm1d (train, eval; fresh layers) and LayerNorm."""
     import torch
@@ -204,14 +204,15 @@ def _dependence(x, others, batch_sizes, bn_train_mode=True, whole_batch=False):
     from normcourse import nn
 
     d = x.shape[0]
-    layers = {"bn_train": nn.BatchNorm1d(d, dtype=torch.float64).train(bn_train_mode),
+    layers = {"bn_train": nn.BatchNorm1d(d, dtype=torch.float64).train(),
               "bn_eval": nn.BatchNorm1d(d, dtype=torch.float64).eval(),
               "ln": nn.LayerNorm(d, dtype=torch.float64)}
     changes = {name: [] for name in layers}
     for m in batch_sizes:
         m = int(m)
         first = torch.from_numpy(np.vstack([x, others[: m - 1]]))
-        second = torch.from_numpy(np.vstack([x, others[m - 1: 2 * m - 2]]))
+        start = m - 1 if second_start is None else second_start
+        second = torch.from_numpy(np.vstack([x, others[start: start + m - 1]]))
         for name, layer in layers.items():
             with torch.no_grad():
                 a, b = layer(first), layer(second)
@@ -230,10 +231,10 @@ BATCH_DEPENDENCE = OutputTask(
     cases=(_dependence_case("one example and 126 others with 10 features, batch sizes 2 to 64",
                             40),),
     mistakes=(
-        Mistake("batch_norm_in_eval_mode", "The first output is batch norm in *training* mode "
-                "(layer.train()), where it normalizes with the statistics of the batch.",
+        Mistake("overlapping_batch_mates", "The two batches must share no batch-mate: the "
+                "first is [x, others[0 : m-1]], the second [x, others[m-1 : 2m-2]].",
                 lambda x, others, batch_sizes: _dependence(x, others, batch_sizes,
-                                                           bn_train_mode=False)),
+                                                           second_start=1)),
         Mistake("whole_batch", "Compare only example x's output (row 0): the other rows are "
                 "different examples in the two batches.",
                 lambda x, others, batch_sizes: _dependence(x, others, batch_sizes,
