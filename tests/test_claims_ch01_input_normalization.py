@@ -2,7 +2,8 @@
 
 Each test calls the same experiment function, with the same settings, as the chapter that states
 the claim (``normcourse.experiments.ch01_input_normalization``). These claims are about a synthetic
-two-feature regression problem: no MNIST, so they do not depend on the data source.
+two-feature regression problem and scikit-learn's bundled wine data: no MNIST, so they do not
+depend on the data source (and need no ``claims_mnist`` parametrization).
 """
 
 from __future__ import annotations
