@@ -4,7 +4,9 @@ Serves the built HTML on 127.0.0.1 and opens each page in Debian's headless Chro
 Playwright. On every page: no console errors, no failed requests, no request to another host
 (the site must work offline), math typeset by MathJax without errors, every image loaded,
 exercise solutions collapsed until clicked, every internal link answered with HTTP 200, and no
-code block (package code, cell input or output) wider than its box at a 1280-px-wide window.
+code block (package code, cell input or output) wider than its box at a 1280-px-wide window, and
+no figure scaled below ``MIN_IMAGE_SCALE`` of its natural width (its labels would be too small
+to read; ``KNOWN_SMALL_IMAGES`` lists the pages that still fall short, with their numbers).
 A full-page screenshot of each chapter goes to ``_build/screenshots/`` for review.
 
 Waiting for the network to go quiet: the test does not use Playwright's ``networkidle`` load
@@ -223,6 +225,41 @@ WIDE_CODE_JS = """
 """
 
 
+# Every laid-out image (width > 0; run after WIDE_CODE_JS has opened every <details>): its
+# natural width and the width the page gives it. The images are the chapters' figures, saved by
+# matplotlib at 100 dpi, so a figure shown at its natural width has its tick labels (10 pt) about
+# 14 px tall, and one shown at a fraction f of it, 14 f px.
+IMAGE_SCALES_JS = """
+() => [...document.images]
+  .filter(img => img.naturalWidth > 0 && img.getBoundingClientRect().width > 0)
+  .map(img => ({
+    figure: (img.closest('figure') || {}).id || img.currentSrc.split('/').pop(),
+    natural: img.naturalWidth,
+    shown: img.getBoundingClientRect().width,
+  }))
+"""
+
+# A figure may be shown at no less than this fraction of its natural width: tick labels stay
+# about 11 px tall or more. Matplotlib figures wider than the page's column (944 px at a
+# 1280-px window) get scaled down to fit it; size them to fit instead (figsize width <= ~9.4 in).
+MIN_IMAGE_SCALE = 0.8
+# Pages known to fall short, with the measured fraction (issue 21 review, 1280-px window): the
+# check still holds them to what they show now, so it catches them getting worse.
+KNOWN_SMALL_IMAGES = {
+    # fig-bn-figure1: 1287 px natural, shown at 944 px (0.73): a four-panel figure, 13 in wide
+    "book/03_training_with_batch_norm.html": 0.73,
+}
+
+
+def too_small_images(page, page_path: str) -> list[str]:
+    """The figures shown at less than this page's minimum fraction of their natural width."""
+    least = min(MIN_IMAGE_SCALE, KNOWN_SMALL_IMAGES.get(page_path, MIN_IMAGE_SCALE))
+    return [f"{image['figure']}: {image['natural']} px shown at {image['shown']:.0f} px "
+            f"({image['shown'] / image['natural']:.2f} < {least})"
+            for image in page.evaluate(IMAGE_SCALES_JS)
+            if image["shown"] < least * image["natural"] - 0.5]
+
+
 def internal_links(page) -> set[str]:
     """Every link on the page that stays on this site, without its #fragment."""
     hrefs = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
@@ -293,11 +330,14 @@ def test_page_works_offline(page_path, base_url, browser_context):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / f"{Path(page_path).stem}.png"), full_page=True)
         wide = page.evaluate(WIDE_CODE_JS)  # after the screenshot: it opens hidden code cells
+        small = too_small_images(page, page_path)  # with every hidden cell laid out
 
         log.wait_until_quiet(timeout_ms=WAIT_MS)
         assert not log.foreign, f"requests to other hosts (the site must work offline): {log.foreign}"
         assert not log.failed, f"failed requests: {log.failed}"
         assert not log.errors, "\n".join(log.errors)
         assert not wide, f"code wider than its column at {VIEWPORT['width']} px: {wide}"
+        assert not small, (f"figures scaled down below a readable size at "
+                           f"{VIEWPORT['width']} px: {small}")
     finally:
         page.close()

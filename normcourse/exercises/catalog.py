@@ -56,12 +56,16 @@ CHAPTERS: tuple[Chapter, ...] = (
             "descent (condition number, largest stable learning rate 2 / lambda_max)",
             "standardize features with statistics fitted on the training set only",
             "differentiate a standardization with fixed statistics",
+            "predict, run and explain a learning-rate sweep of gradient descent on raw and "
+            "standardized features",
         ),
-        45, 40,
+        45, 55,
         ("NumPy arrays and broadcasting", "gradient descent", "eigenvalues of a symmetric matrix"),
         (
             "why the test set is standardized with the training set's statistics",
             "what standardization does to constant pixels, with and without the floor eps",
+            "prediction and measurement: steps of gradient descent at fractions of "
+            "2 / lambda_max, raw and standardized",
         ),
     ),
     Chapter(
@@ -72,12 +76,15 @@ CHAPTERS: tuple[Chapter, ...] = (
             "derive and implement the backward pass, and check it with a centered-difference "
             "gradient check and a random upstream gradient",
             "explain the roles of gamma, beta and eps",
+            "measure what the backward pass projects out, and where eps makes "
+            "sum(xhat * dx) = 0 fail",
         ),
-        60, 75,
+        60, 90,
         ("01_input_normalization", "the chain rule on computational graphs"),
         (
             "why a gradient check with dout = 1 passes even for a wrong backward pass",
             "why batch norm has gamma and beta, and why a bias before it is useless",
+            "prediction and measurement: the sums of dx and of xhat * dx as eps grows",
         ),
     ),
     Chapter(
@@ -116,12 +123,16 @@ CHAPTERS: tuple[Chapter, ...] = (
             "implement layer norm's forward and backward passes",
             "choose the normalized axes for (N, D) and (N, C, H, W) inputs",
             "compare layer norm and batch norm at small batch sizes and at test time",
+            "measure how one example's output depends on the rest of its batch, for batch "
+            "norm (train and eval mode) and layer norm",
         ),
-        45, 50,
+        45, 60,
         ("02_batch_norm",),
         (
             "for which a layer norm is invariant to rescaling an example, LN(a x) = LN(x)",
             "why layer norm needs no running statistics, at batch size 1 and at test time",
+            "prediction and measurement: how much one example's output changes when its "
+            "batch-mates are replaced, by batch size",
         ),
     ),
     Chapter(

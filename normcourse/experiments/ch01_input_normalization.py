@@ -1,5 +1,10 @@
 """Chapter 1's experiments: why standardized inputs make gradient descent fast.
 
+Second part: a small network on scikit-learn's bundled wine data (13 features on very different
+scales; offline), trained on raw and on standardized features, and the statistics fitted on the
+training split only (inside a scikit-learn ``Pipeline``) or leaked from the test split.
+scikit-learn is imported inside those functions, so ``import normcourse`` never needs it.
+
 The chapter studies least squares, ``L(w) = 1/(2N) ||X w - y||^2``, because its loss surface is an
 exact quadratic: the Hessian ``H = X^T X / N`` does not depend on ``w``, gradient descent with step
 ``lr`` converges exactly when ``lr < 2 / lambda_max(H)``, and its speed is set by the condition
@@ -15,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from normcourse import reference
+from normcourse.experiments.runner import sweep, train_classifier
 from normcourse.validation import check_choice
 
 __all__ = [
@@ -33,6 +40,15 @@ __all__ = [
     "least_squares_solution",
     "gradient_descent",
     "steps_to_tolerance",
+    "normalization_stages",
+    "TabularSplit",
+    "load_tabular",
+    "scaled_features",
+    "tabular_network",
+    "tabular_comparison",
+    "leaked_statistics",
+    "scaler_pipeline",
+    "SCALINGS",
 ]
 
 
@@ -195,3 +211,125 @@ def steps_to_tolerance(
             return None
         w = w - lr * x.T @ (x @ w - y) / x.shape[0]
     return None
+
+
+def normalization_stages(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The same 2-D data raw, centred, standardized and ZCA-whitened (statistics from ``x``).
+
+    x: (N, 2) -> {title: (N, 2)}, for ``normcourse.figures.data_panels``. Standardized with
+    ``reference.standardize_fit``/``standardize_forward``, whitened with ``whitening_fit``.
+    """
+    mean, std = reference.standardize_fit(x)
+    standardized, _ = reference.standardize_forward(x, mean, std)
+    white_mean, w = whitening_fit(x, kind="zca")
+    return {
+        "raw": x,
+        "centred": x - mean,
+        "standardized": standardized,
+        "ZCA whitened": (x - white_mean) @ w,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# A tabular data set: scikit-learn's wine data
+# ---------------------------------------------------------------------------------------------
+# How the features reach the network: as they are, standardized with training statistics, or
+# standardized with statistics fitted on training + test data (the leak).
+SCALINGS = ("raw", "standardized", "leaked")
+
+
+@dataclass
+class TabularSplit:
+    """A stratified train/test split of a bundled scikit-learn data set.
+
+    x_train: (N, D) float64, y_train: (N,) int64, x_test: (M, D), y_test: (M,);
+    feature_names: D names.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    feature_names: tuple[str, ...]
+
+
+def load_tabular(seed: int = 0, test_fraction: float = 0.3) -> TabularSplit:
+    """scikit-learn's wine data (178 wines, 13 chemical measurements, 3 cultivars), split
+    stratified by class with ``random_state=seed``. Bundled with scikit-learn: no download."""
+    from sklearn.datasets import load_wine
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_wine()
+    x_train, x_test, y_train, y_test = train_test_split(
+        bunch.data, bunch.target, test_size=test_fraction, random_state=seed,
+        stratify=bunch.target)
+    return TabularSplit(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+                        tuple(bunch.feature_names))
+
+
+def scaled_features(split: TabularSplit, scaling: str):
+    """(x_train, x_test) as the network sees them under ``scaling`` (one of ``SCALINGS``)."""
+    check_choice(scaling, SCALINGS, "scaling")
+    if scaling == "raw":
+        return split.x_train, split.x_test
+    fitted_on = split.x_train if scaling == "standardized" else np.vstack([split.x_train,
+                                                                          split.x_test])
+    mean, std = reference.standardize_fit(fitted_on)
+    return (reference.standardize_forward(split.x_train, mean, std)[0],
+            reference.standardize_forward(split.x_test, mean, std)[0])
+
+
+def tabular_network(split: TabularSplit, scaling: str, *, seed: int, optimizer: str = "sgd",
+                    lr: float = 0.1, steps: int = 300, batch_size: int = 32,
+                    hidden=(32, 32)) -> float:
+    """Train a small ReLU MLP (D-32-32-classes) on ``split`` with ``scaling``; test accuracy.
+
+    Same network, seed, optimizer and steps for every scaling: only the features differ.
+    """
+    x_train, x_test = scaled_features(split, scaling)
+    tensors = (torch.tensor(x_train, dtype=torch.float32), torch.from_numpy(split.y_train),
+               torch.tensor(x_test, dtype=torch.float32), torch.from_numpy(split.y_test))
+    classes = int(max(split.y_train.max(), split.y_test.max())) + 1
+    result = train_classifier(tensors, norm="none", batch_size=batch_size, steps=steps, lr=lr,
+                              seed=seed, optimizer=optimizer,
+                              sizes=(x_train.shape[1], *hidden, classes))
+    return result.eval_accuracy
+
+
+def tabular_comparison(seeds=(0, 1, 2), scalings=SCALINGS,
+                       optimizers=(("sgd", 0.1), ("adam", 0.001)), **settings) -> dict:
+    """Test accuracy for every (optimizer, scaling, seed): {(optimizer, scaling, seed): acc}.
+
+    The seed sets both the train/test split and the network's initialization.
+    """
+    splits = {seed: load_tabular(seed) for seed in seeds}
+    runs = [((optimizer, scaling, seed),
+             dict(split=splits[seed], scaling=scaling, seed=seed, optimizer=optimizer, lr=lr,
+                  **settings))
+            for optimizer, lr in optimizers for scaling in scalings for seed in seeds]
+    return sweep(tabular_network, runs, desc="wine")
+
+
+def leaked_statistics(split: TabularSplit) -> dict[str, np.ndarray]:
+    """How much the standardization statistics move when the test split leaks into them.
+
+    Returns per-feature arrays: ``mean_shift`` = (leaked mean - training mean) / training std
+    (in training standard deviations) and ``std_ratio`` = leaked std / training std.
+    """
+    mean, std = reference.standardize_fit(split.x_train)
+    leaked_mean, leaked_std = reference.standardize_fit(np.vstack([split.x_train, split.x_test]))
+    return {"mean_shift": (leaked_mean - mean) / std, "std_ratio": leaked_std / std}
+
+
+def scaler_pipeline(split: TabularSplit, seed: int = 0, hidden=(32, 32)):
+    """scikit-learn's way: ``StandardScaler`` then ``MLPClassifier`` in one ``Pipeline``,
+    fitted on the training split only. Returns the fitted pipeline (score it on the test split).
+    """
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipeline = make_pipeline(StandardScaler(),
+                             MLPClassifier(hidden_layer_sizes=hidden, max_iter=1000,
+                                           random_state=seed))
+    return pipeline.fit(split.x_train, split.y_train)

@@ -204,4 +204,83 @@ LARGEST_STABLE_LR = OutputTask(
     ),
 )
 
-TASKS = (STANDARDIZE_FIT, STANDARDIZE, STANDARDIZE_BACKWARD, LARGEST_STABLE_LR)
+
+
+# ---- 01.lr_sweep: an experiment -------------------------------------------------------------
+# Predict, then run: gradient descent at fractions of 2 / lambda_max on the raw and on the
+# standardized problem, counting the steps until the loss is within tol of its minimum.
+DIVERGED_LOSS = 1e12
+
+
+def _sweep_case(description, seed):
+    def make():
+        g = np.random.default_rng(seed)
+        cov = np.array([[1.0, 0.5], [0.5, 1.0]]) * np.outer([1.5, 0.3], [1.5, 0.3])
+        x = g.multivariate_normal([3.0, 0.0], cov, size=200)  # the chapter's problem
+        y = x @ np.array([1.0, -2.0]) + 0.1 * g.standard_normal(200)
+        return {"x": x, "y": y, "factors": np.array([0.5, 0.9, 0.98, 1.02]), "tol": 1e-6,
+                "max_steps": 3000}
+
+    return Case(description, make)
+
+
+def _steps(x, t, lr, tol, max_steps, halved=True, per_example=True):
+    """Steps of gradient descent from w = 0 until the loss is within tol of its minimum; -1."""
+    n = len(x) if per_example else 1
+    scale = 0.5 if halved else 1.0
+    w_star = np.linalg.lstsq(x, t, rcond=None)[0]
+    best = scale * np.mean((x @ w_star - t) ** 2)
+    w = np.zeros(x.shape[1])
+    for step in range(max_steps + 1):
+        gap = scale * np.mean((x @ w - t) ** 2) - best
+        if gap <= tol:
+            return float(step)
+        if not gap < DIVERGED_LOSS:
+            return -1.0
+        w = w - lr * x.T @ (x @ w - t) / n
+    return -1.0
+
+
+def _sweep(x, y, factors, tol, max_steps, shared_limit=False, **variant):
+    mean, std = reference.standardize_fit(x)
+    x_std, _ = reference.standardize_forward(x, mean, std)
+    # centring y (the bias at its optimum, as in the chapter) leaves the steps unchanged: the
+    # standardized columns sum to 0, so X^T y = X^T (y - mean(y)) and the loss gap is the same
+    problems = [(x, y), (x_std, y - y.mean())]
+    raw_limit = _lr_from_hessian(_hessian(x))
+    out = []
+    for features_, targets in problems:
+        limit = raw_limit if shared_limit else _lr_from_hessian(_hessian(features_))
+        out.append(np.array([_steps(features_, targets, f * limit, tol, max_steps, **variant)
+                             for f in factors]))
+    return tuple(out)
+
+
+LR_SWEEP = OutputTask(
+    id="01.lr_sweep",
+    title="experiment: a learning-rate sweep on raw and standardized features",
+    function="lr_sweep",
+    points=2,
+    correct=_sweep,
+    outputs=("steps_raw", "steps_standardized"),
+    output_points=(1, 1),
+    cases=(_sweep_case("the chapter's two-feature problem, 200 examples, factors 0.5 to 1.02",
+                       5),),
+    uses=(STANDARDIZE_FIT, STANDARDIZE, LARGEST_STABLE_LR),
+    mistakes=(
+        Mistake("raw_limit_for_both", "Each problem has its own limit: compute "
+                "largest_stable_lr on the standardized features for the standardized run.",
+                lambda x, y, factors, tol, max_steps: _sweep(x, y, factors, tol, max_steps,
+                                                             shared_limit=True)),
+        Mistake("gradient_not_averaged", "The gradient of (1/2N)||Xw - y||^2 is "
+                "X^T (Xw - y) / N: without the 1/N every step is N times too large.",
+                lambda x, y, factors, tol, max_steps: _sweep(x, y, factors, tol, max_steps,
+                                                             per_example=False)),
+        Mistake("loss_not_halved", "The loss is (1/2N)||Xw - y||^2, half the mean squared "
+                "error: compare half the gap with tol.",
+                lambda x, y, factors, tol, max_steps: _sweep(x, y, factors, tol, max_steps,
+                                                             halved=False)),
+    ),
+)
+
+TASKS = (STANDARDIZE_FIT, STANDARDIZE, STANDARDIZE_BACKWARD, LARGEST_STABLE_LR, LR_SWEEP)

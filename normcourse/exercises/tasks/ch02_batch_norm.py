@@ -262,4 +262,53 @@ NUMERICAL_GRADIENT = OutputTask(
     ),
 )
 
-TASKS = (BATCHNORM_FORWARD, BATCHNORM_BACKWARD, SPATIAL_BATCHNORM_FORWARD, NUMERICAL_GRADIENT)
+
+
+# ---- 02.projection_sums: an experiment ------------------------------------------------------
+# Predict, then measure: the column sums of dx, and of xhat * dx, for several eps. The first is 0
+# (rounding); the second is gamma / std * sum(dout * xhat) * eps / (var + eps): 0 only up to O(eps).
+def _sums_case(description, seed):
+    def make():
+        x = features(seed, 16)  # column 2 has a spread of 1e-3: variance ~1e-6, below eps
+        gamma, _ = affine(seed + 1, x.shape[1])
+        return {"x": x, "gamma": gamma, "dout": random_upstream(x.shape, seed + 2),
+                "eps_values": np.array([1e-8, 1e-5, 1e-2])}
+
+    return Case(description, make)
+
+
+def _sums(x, gamma, dout, eps_values, xhat_eps=True, of_dout=False):
+    sum_dx, sum_xhat_dx = [], []
+    for eps in eps_values:
+        dx = dout if of_dout else _backward_correct(dout, x, gamma, eps)[0]
+        xhat, _ = _parts(x, eps if xhat_eps else 0.0)
+        sum_dx.append(dx.sum(axis=0))
+        sum_xhat_dx.append((xhat * dx).sum(axis=0))
+    return np.array(sum_dx), np.array(sum_xhat_dx)
+
+
+PROJECTION_SUMS = OutputTask(
+    id="02.projection_sums",
+    title="experiment: what the batch-norm gradient projects out, and the O(eps) term",
+    function="projection_sums",
+    points=2,
+    correct=_sums,
+    outputs=("sum_dx", "sum_xhat_dx"),
+    output_points=(1, 1),
+    cases=(_sums_case("x of shape (16, 5) with one tiny-variance feature, eps 1e-8 to 1e-2",
+                      30),),
+    uses=(BATCHNORM_BACKWARD,),
+    mistakes=(
+        Mistake("xhat_without_eps", "xhat is (x - mean) / sqrt(var + eps), with the same eps as "
+                "the backward pass; without eps the sums hide the O(eps) term you are measuring.",
+                lambda x, gamma, dout, eps_values: _sums(x, gamma, dout, eps_values,
+                                                         xhat_eps=False)),
+        Mistake("sums_of_dout", "Sum the gradient with respect to x (dx from your "
+                "batchnorm_backward), not the upstream gradient dout.",
+                lambda x, gamma, dout, eps_values: _sums(x, gamma, dout, eps_values,
+                                                         of_dout=True)),
+    ),
+)
+
+TASKS = (BATCHNORM_FORWARD, BATCHNORM_BACKWARD, SPATIAL_BATCHNORM_FORWARD, NUMERICAL_GRADIENT,
+         PROJECTION_SUMS)

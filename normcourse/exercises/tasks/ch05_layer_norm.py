@@ -178,4 +178,68 @@ LAYERNORM_CHANNELS_FIRST = OutputTask(
     ),
 )
 
-TASKS = (LAYERNORM_FORWARD, LAYERNORM_BACKWARD, LAYERNORM_CHANNELS_FIRST)
+
+
+# ---- 05.batch_dependence: an experiment -----------------------------------------------------
+# Predict, then measure: how much one example's output changes when its batch-mates are
+# replaced, for batch norm in training mode, batch norm in eval mode and layer norm.
+BATCH_SIZES = (2, 4, 16, 64)
+
+
+def _dependence_case(description, seed):
+    def make():
+        g = rng(seed)
+        others = 2.0 + 3.0 * g.standard_normal((2 * max(BATCH_SIZES), 10))
+        return {"x": 2.0 + 3.0 * g.standard_normal(10), "others": others,
+                "batch_sizes": np.array(BATCH_SIZES)}
+
+    return Case(description, make)
+
+
+def _dependence(x, others, batch_sizes, whole_batch=False, second_start=None):
+    """For each m: max |change| of x's output (row 0) between batches [x, others[:m-1]] and
+    [x, others[m-1:2m-2]], under BatchNorm1d (train, eval; fresh layers) and LayerNorm."""
+    import torch
+
+    from normcourse import nn
+
+    d = x.shape[0]
+    layers = {"bn_train": nn.BatchNorm1d(d, dtype=torch.float64).train(),
+              "bn_eval": nn.BatchNorm1d(d, dtype=torch.float64).eval(),
+              "ln": nn.LayerNorm(d, dtype=torch.float64)}
+    changes = {name: [] for name in layers}
+    for m in batch_sizes:
+        m = int(m)
+        first = torch.from_numpy(np.vstack([x, others[: m - 1]]))
+        start = m - 1 if second_start is None else second_start
+        second = torch.from_numpy(np.vstack([x, others[start: start + m - 1]]))
+        for name, layer in layers.items():
+            with torch.no_grad():
+                a, b = layer(first), layer(second)
+            rows = slice(None) if whole_batch else 0
+            changes[name].append(float((a[rows] - b[rows]).abs().max()))
+    return tuple(np.array(changes[name]) for name in layers)
+
+
+BATCH_DEPENDENCE = OutputTask(
+    id="05.batch_dependence",
+    title="experiment: does one example's output depend on the rest of the batch?",
+    function="batch_dependence",
+    points=2,
+    correct=_dependence,
+    outputs=("bn_train", "bn_eval", "ln"),
+    cases=(_dependence_case("one example and 126 others with 10 features, batch sizes 2 to 64",
+                            40),),
+    mistakes=(
+        Mistake("overlapping_batch_mates", "The two batches must share no batch-mate: the "
+                "first is [x, others[0 : m-1]], the second [x, others[m-1 : 2m-2]].",
+                lambda x, others, batch_sizes: _dependence(x, others, batch_sizes,
+                                                           second_start=1)),
+        Mistake("whole_batch", "Compare only example x's output (row 0): the other rows are "
+                "different examples in the two batches.",
+                lambda x, others, batch_sizes: _dependence(x, others, batch_sizes,
+                                                           whole_batch=True)),
+    ),
+)
+
+TASKS = (LAYERNORM_FORWARD, LAYERNORM_BACKWARD, LAYERNORM_CHANNELS_FIRST, BATCH_DEPENDENCE)
