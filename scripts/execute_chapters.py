@@ -31,7 +31,7 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +232,7 @@ def run(root: Path, jobs: int | None = None, log=print) -> list[Outcome]:
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [pool.submit(execute_chapter, chapter, settings) for chapter in stale]
-        for future in futures:
+        for future in as_completed(futures):
             outcome = future.result()
             outcomes.append(outcome)
             name = _relative(outcome.path, root)
