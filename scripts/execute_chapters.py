@@ -191,7 +191,7 @@ def execute_chapter(chapter: Chapter, settings: ExecutionSettings) -> Outcome:
     cpu = _children_cpu_seconds() - cpu_before
     if result.err is not None:
         return Outcome(chapter.path, None, result.time, failing_cell(result.nb),
-                       result.exc_string or "", cpu)
+                       cpu_seconds=cpu, traceback=result.exc_string or "")
     return Outcome(chapter.path, result.nb, result.time, cpu_seconds=cpu)
 
 
