@@ -65,10 +65,16 @@ $(STAMP): requirements.txt pyproject.toml
 # NORMCOURSE_PROGRESS=0: no progress bars while the chapters execute (normcourse/progress.py): a
 # built page must not hold a progress widget, and a text bar on stderr would fail the -W build.
 BOOK_OK := _build/.book-built-cleanly
+# Before Sphinx reads the pages, scripts/execute_chapters.py executes every chapter that is not
+# in the execution cache, BOOK_JOBS chapters at once (default: one per core), into the cache the
+# build reads; Sphinx then executes nothing. A failing cell fails here, naming chapter and cell.
+BOOK_JOBS ?=
 book: export NORMCOURSE_PROGRESS := 0
 book: $(STAMP)
 	@if [ -f $(BOOK_OK) ]; then all=; else all=--all; fi; \
 	rm -f $(BOOK_OK); \
+	echo "$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS))"; \
+	$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS)); \
 	echo "$(BIN)/jupyter-book build . -W -n --keep-going $$all"; \
 	$(BIN)/jupyter-book build . -W -n --keep-going $$all; \
 	touch $(BOOK_OK)

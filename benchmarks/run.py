@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/run.py                 # CPU, one thread; CUDA too when a GPU is present
+    python benchmarks/run.py --device cuda   # one device only (cuda without a GPU: an error)
     python benchmarks/run.py --quick         # fewer repetitions, no torch.compile (a smoke run)
     python benchmarks/run.py --out DIR       # where the JSON, the markdown table and the plot go
 
@@ -24,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no window
 
 from normcourse.benchmarking import (
+    benchmark_devices,
     format_rms_versus_layer_norm,
     markdown_table,
     measure_bandwidth,
@@ -38,11 +40,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", action="append", help="cpu, cuda (default: cpu, and cuda if present)")
+    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                        help="cpu, cuda (default: cpu, and cuda if present)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    try:
+        devices, note = benchmark_devices(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"# {note}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in devices:
         device = torch.device(name)

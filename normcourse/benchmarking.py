@@ -13,6 +13,12 @@ shape it times one forward plus backward pass of
 and records the median time, the ratio to ``native``, and the memory that the forward pass keeps
 for the backward pass (bytes of the tensors autograd saves, counted with saved-tensor hooks: exact
 and repeatable, unlike a process's resident memory). On CUDA it also records peak allocated memory.
+
+For the normalization layers (memory-bound: see ``minimum_traffic_bytes``) it also times a torch
+copy that moves the same number of bytes as one forward+backward pass must at least move, and
+reports each variant's ``copy_fraction``: the copy's time over the variant's, which is the variant's
+achieved bandwidth (minimum bytes / its time) as a fraction of the copy's. 1.0 is the memory-bound
+limit. The same code runs on any device: ``benchmark_devices()`` adds CUDA when a GPU is present.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from normcourse.progress import sweep, write
 LAYERS = ("batch_norm", "layer_norm", "batch_renorm",
           "group_norm", "instance_norm", "rms_norm", "ws_conv")
 LAYERS_WITHOUT_BATCH = ("group_norm", "instance_norm", "rms_norm", "ws_conv")
+# The layers whose least memory traffic is minimum_traffic_bytes: all but the convolution.
+MEMORY_BOUND = tuple(layer for layer in LAYERS if layer != "ws_conv")
 
 # (name, shape): (N, C) for fully connected layers, (N, C, H, W) for conv layers.
 SHAPES = [
@@ -137,6 +145,27 @@ def median_time(run, device, repeats: int, min_time: float) -> float:
     return statistics.median(samples)
 
 
+def copy_seconds(nbytes: int, device, repeats: int = 7, min_time: float = 0.2) -> float:
+    """Median time of ``dst.copy_(src)`` moving ``nbytes`` in all: half read, half written."""
+    src = torch.randn(max(1, nbytes // 8), device=device)  # float32: 4 bytes read, 4 written
+    dst = torch.empty_like(src)
+    return median_time(lambda: dst.copy_(src), device, repeats, min_time)
+
+
+def benchmark_devices(requested=None) -> tuple[list[str], str]:
+    """The devices to measure and a sentence saying which: ``requested``, else the CPU and CUDA
+    when a GPU is present. A request for CUDA without a GPU raises ``ValueError``."""
+    available = torch.cuda.is_available()
+    if requested and "cuda" in requested and not available:
+        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() "
+                         "is False)")
+    if requested:
+        return list(requested), f"devices requested: {', '.join(requested)}"
+    if available:
+        return ["cpu", "cuda"], f"CUDA device found ({torch.cuda.get_device_name()}): CPU and CUDA"
+    return ["cpu"], "no CUDA device found: CPU only (on a GPU machine the same run adds CUDA)"
+
+
 def measure_bandwidth(device) -> float:
     """Bytes per second of a large tensor copy (read + write): the ceiling a memory-bound op meets."""
     src = torch.randn(32 * 1024 * 1024 // 4 * 8, device=device)  # 32 MiB x 8 = 256 MiB
@@ -165,6 +194,9 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
             compiled = torch.compile(ours, dynamic=False, backend=compile_backend)
             cases["compiled"] = step(compiled)
         row = {"layer": layer, "shape": shape_name, "elements": math.prod(shape)}
+        if layer in MEMORY_BOUND:
+            row["copy_seconds"] = copy_seconds(minimum_traffic_bytes(row["elements"]), device,
+                                               repeats, min_time)
         for variant, run in cases.items():
             t = median_time(run, device, repeats, min_time)
             entry = {"seconds": t, "saved_bytes": saved_bytes(run)}
@@ -175,6 +207,8 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
             row[variant] = entry
         for variant in cases:
             row[variant]["ratio"] = row[variant]["seconds"] / row["native"]["seconds"]
+            if "copy_seconds" in row:
+                row[variant]["copy_fraction"] = row["copy_seconds"] / row[variant]["seconds"]
         results.append(row)
         log(format_row(row))
     return results
@@ -190,14 +224,20 @@ def format_row(row) -> str:
 
 
 def markdown_table(results) -> str:
+    """Times (x native), saved MiB and, where measured, the fraction of copy bandwidth."""
     variants = [v for v in ("native", "function", "autograd", "compiled") if v in results[0]]
+    bandwidth = [v for v in variants if v != "autograd"] if any(
+        "copy_seconds" in r for r in results) else []
     head = "| layer | shape | " + " | ".join(f"{v} ms (x native)" for v in variants)
-    head += " | " + " | ".join(f"{v} saved MiB" for v in variants) + " |"
-    lines = [head, "|" + " --- |" * (2 + 2 * len(variants))]
+    head += " | " + " | ".join(f"{v} saved MiB" for v in variants)
+    head += "".join(f" | {v} / copy bandwidth" for v in bandwidth) + " |"
+    lines = [head, "|" + " --- |" * (2 + 2 * len(variants) + len(bandwidth))]
     for r in results:
         times = " | ".join(f"{r[v]['seconds'] * 1e3:.3f} ({r[v]['ratio']:.2f}x)" for v in variants)
         mems = " | ".join(f"{r[v]['saved_bytes'] / 2**20:.2f}" for v in variants)
-        lines.append(f"| {r['layer']} | {r['shape']} | {times} | {mems} |")
+        fractions = "".join(f" | {r[v]['copy_fraction']:.2f}" if "copy_fraction" in r[v]
+                            else " | -" for v in bandwidth)
+        lines.append(f"| {r['layer']} | {r['shape']} | {times} | {mems}{fractions} |")
     return "\n".join(lines) + "\n"
 
 

@@ -90,15 +90,22 @@ def test_quick_benchmark_runs_end_to_end(monkeypatch, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
-def test_run_script_writes_json_table_and_plot(tiny_shapes, tmp_path, monkeypatch):
+def load_run_script():
+    """benchmarks/run.py as a module."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).parent.parent / "benchmarks" / "run.py"
     spec = importlib.util.spec_from_file_location("bench_run", path)
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
+    return run
+
+
+def test_run_script_writes_json_table_and_plot(tiny_shapes, tmp_path, monkeypatch):
+    import json
+
+    run = load_run_script()
     monkeypatch.setattr(run, "measure_bandwidth", lambda device: 1e9)  # skip the 256 MiB copy
     run.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
     report = json.loads((tmp_path / "benchmark_cpu.json").read_text())
@@ -224,3 +231,79 @@ def test_compiled_chapter8_function_matches_eager(layer):
         results.append((out, *grads, *running))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Achieved bandwidth as a fraction of a copy's, and the devices measured
+# ---------------------------------------------------------------------------------------------
+def test_copy_fraction_is_the_copy_time_over_the_variant_time(monkeypatch):
+    monkeypatch.setattr(B, "LAYERS", ("batch_norm", "ws_conv"))
+    monkeypatch.setattr(B, "SHAPES", [("conv 2x3x4x4", (2, 3, 4, 4))])
+    results = B.run_benchmarks(CPU, quick=True, log=lambda line: None, compile=False)
+    norm, conv = results
+    assert norm["copy_seconds"] > 0
+    for variant in ("native", "function", "autograd"):
+        assert norm[variant]["copy_fraction"] == norm["copy_seconds"] / norm[variant]["seconds"]
+    # a convolution is not memory-bound: no copy to compare it with
+    assert "copy_seconds" not in conv and "copy_fraction" not in conv["native"]
+    head, _, norm_row, conv_row = B.markdown_table(results).strip().splitlines()
+    assert head.endswith("| native / copy bandwidth | function / copy bandwidth |")
+    assert norm_row.endswith(f"| {norm['native']['copy_fraction']:.2f} | "
+                             f"{norm['function']['copy_fraction']:.2f} |")
+    assert conv_row.endswith("| - | - |")
+
+
+def test_copy_moves_the_bytes_it_is_asked_to(monkeypatch):
+    moved = []
+
+    def time_once(run, *args):
+        run()
+        return 1.0
+
+    monkeypatch.setattr(B, "median_time", time_once)
+    real_copy = torch.Tensor.copy_
+
+    def spy(dst, src, *args):
+        moved.append(dst.numel() * dst.element_size() + src.numel() * src.element_size())
+        return real_copy(dst, src, *args)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    assert B.copy_seconds(B.minimum_traffic_bytes(1000), CPU) == 1.0
+    assert moved == [B.minimum_traffic_bytes(1000)]  # read + written
+
+
+def test_devices_say_when_no_gpu_is_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    devices, note = B.benchmark_devices()
+    assert devices == ["cpu"] and note.startswith("no CUDA device found: CPU only")
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        B.benchmark_devices(["cuda"])
+    assert B.benchmark_devices(["cpu"])[0] == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert B.benchmark_devices() == (["cpu", "cuda"], "CUDA device found (Some GPU): CPU and CUDA")
+
+
+def test_run_script_says_it_runs_on_the_cpu_only(tiny_shapes, tmp_path, monkeypatch, capsys):
+    run = load_run_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "measure_bandwidth", lambda device: 1e9)
+    run.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("# no CUDA device found: CPU only")
+    assert (tmp_path / "benchmark_cpu.json").is_file()
+    assert not (tmp_path / "benchmark_cuda.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the CUDA path of the benchmark runs only on a GPU")
+def test_the_benchmark_runs_on_cuda(tiny_shapes):
+    cuda = torch.device("cuda")
+    results = B.run_benchmarks(cuda, quick=True, log=lambda line: None, compile=False)
+    assert results
+    for r in results:
+        for variant in ("native", "function", "autograd"):
+            assert r[variant]["seconds"] > 0 and r[variant]["peak_bytes"] > 0
+        if r["layer"] in B.MEMORY_BOUND:
+            assert r["native"]["copy_fraction"] > 0
+    assert B.measure_bandwidth(cuda) > 0

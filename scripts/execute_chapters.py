@@ -1,0 +1,284 @@
+"""Execute the book's chapters in parallel, into the execution cache that the book build reads.
+
+`make book` runs this before `jupyter-book build`. Jupyter Book executes the chapters one after
+another (`execute_notebooks: cache` in _config.yml); this script executes every chapter whose
+code is not yet in the cache, one kernel per chapter and as many at once as the machine has
+cores (each kernel runs on one thread: the Makefile exports OMP_NUM_THREADS=1), and stores the
+executed notebooks in the same jupyter-cache (_build/.jupyter_cache). The Sphinx build then finds
+every chapter cached and executes none. Nothing changed, nothing runs: a chapter is matched to
+the cache by the hash of its code cells, exactly as myst-nb matches it (myst-nb's own reader
+reads the page).
+
+The chapters are the pages listed in _toc.yml that are notebooks (MyST Markdown with a jupytext
+header, or .ipynb): a chapter added to the table of contents is picked up without a change here.
+The longest chapters start first (their time in the cache from an earlier build, else their size).
+
+A chapter whose cell raises is not cached; every chapter still runs, then the script names each
+failing chapter, its cell (number and line in the page) and the error, and exits with status 1,
+which fails `make book`. Options of _config.yml's `execute:` section that it honours: `cache`,
+`timeout`, `allow_errors`, `run_in_temp`, `execute_notebooks` (anything but `cache`: nothing to
+do).
+
+    python scripts/execute_chapters.py [--root .] [--jobs N] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CACHE = "_build/.jupyter_cache"  # myst-nb's default: beside the html output folder
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """The `execute:` and `parse:` settings of _config.yml that decide how a chapter runs."""
+
+    mode: str = "cache"
+    cache: Path = Path(DEFAULT_CACHE)
+    timeout: int = 30
+    allow_errors: bool = False
+    run_in_temp: bool = False
+    myst_extensions: tuple[str, ...] = ()
+
+
+@dataclass
+class Chapter:
+    """One notebook page of the book, read as myst-nb reads it."""
+
+    path: Path
+    notebook: dict
+    expected_seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What executing one chapter gave: the executed notebook, or the failure to report."""
+
+    path: Path
+    notebook: dict | None
+    seconds: float  # wall-clock
+    error: str | None = None
+    cpu_seconds: float = 0.0  # the kernel's CPU time (and its children's): the load-free cost
+    traceback: str = field(default="", repr=False)
+
+
+def read_settings(root: Path) -> ExecutionSettings:
+    """The execution settings of the book at ``root`` (its _config.yml)."""
+    config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8")) or {}
+    execute = config.get("execute") or {}
+    parse = config.get("parse") or {}
+    mode = execute.get("execute_notebooks", "auto")
+    return ExecutionSettings(
+        mode="off" if mode is False else str(mode),  # YAML reads `off` as False
+        cache=root / (execute.get("cache") or DEFAULT_CACHE),
+        timeout=int(execute.get("timeout", 30)),
+        allow_errors=bool(execute.get("allow_errors", False)),
+        run_in_temp=bool(execute.get("run_in_temp", False)),
+        myst_extensions=tuple(parse.get("myst_enable_extensions") or ()),
+    )
+
+
+def toc_pages(root: Path) -> list[Path]:
+    """Every page file listed in _toc.yml (its root, parts, chapters and sections), in order."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    names: list[str] = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                names.append(entry["file"])
+            for key in ("parts", "chapters", "sections"):
+                walk(entry.get(key))
+
+    walk([{key: toc.get(key)} for key in ("parts", "chapters", "sections")])
+    pages = []
+    for name in names:
+        candidates = [root / name] + [(root / name).with_suffix(s) for s in (".md", ".ipynb")]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"_toc.yml lists {name}, but no such page exists")
+        pages.append(found)
+    return pages
+
+
+def read_chapter(path: Path, settings: ExecutionSettings) -> Chapter | None:
+    """The page as a notebook, read by myst-nb's reader; None for a page that is not one."""
+    from myst_nb.core.config import NbParserConfig
+    from myst_nb.core.read import create_nb_reader
+    from myst_parser.config.main import MdParserConfig
+
+    text = path.read_text(encoding="utf-8")
+    md_config = MdParserConfig(enable_extensions=set(settings.myst_extensions))
+    reader = create_nb_reader(str(path), md_config, NbParserConfig(), text)
+    if reader is None:
+        return None
+    return Chapter(path, reader.read(text))
+
+
+def book_chapters(root: Path, settings: ExecutionSettings) -> list[Chapter]:
+    """The notebook pages of the table of contents."""
+    chapters = (read_chapter(page, settings) for page in toc_pages(root))
+    return [chapter for chapter in chapters if chapter is not None]
+
+
+def stale_chapters(chapters: list[Chapter], cache) -> list[Chapter]:
+    """The chapters whose code is not in the cache, longest expected run first."""
+    seconds_by_uri: dict[str, float] = {}
+    for record in sorted(cache.list_cache_records(), key=lambda r: r.created):
+        seconds = (record.data or {}).get("execution_seconds")
+        if seconds is not None:
+            seconds_by_uri[str(Path(record.uri).resolve())] = float(seconds)
+    stale = []
+    for chapter in chapters:
+        try:
+            cache.match_cache_notebook(chapter.notebook)
+        except KeyError:
+            # A chapter never timed (new, or its cache was removed) ranks by its size: 1 s per kB.
+            size_guess = chapter.path.stat().st_size / 1e3
+            chapter.expected_seconds = seconds_by_uri.get(str(chapter.path.resolve()), size_guess)
+            stale.append(chapter)
+    return sorted(stale, key=lambda c: c.expected_seconds, reverse=True)
+
+
+def failing_cell(notebook: dict) -> str:
+    """'cell K (line L)' of the first cell with an error output (L: the line in the page)."""
+    source_map = notebook.get("metadata", {}).get("source_map") or []
+    for index, cell in enumerate(notebook.get("cells", [])):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            where = f"cell {index + 1}"
+            if index < len(source_map):
+                where += f" (line {source_map[index] + 1})"
+            first_line = (cell.get("source") or "").strip().splitlines()[:1]
+            if first_line:
+                where += f", starting {first_line[0][:60]!r}"
+            return f"{where}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    return "no cell recorded an error"
+
+
+def execute_chapter(chapter: Chapter, settings: ExecutionSettings) -> Outcome:
+    """Run one chapter in its own kernel, in its folder (or a temporary one), as myst-nb does."""
+    from jupyter_cache.executors.utils import single_nb_execution
+
+    started, cpu_before = time.perf_counter(), _children_cpu_seconds()
+    try:
+        if settings.run_in_temp:
+            with tempfile.TemporaryDirectory() as folder:
+                result = single_nb_execution(
+                    chapter.notebook, cwd=folder, timeout=settings.timeout,
+                    allow_errors=settings.allow_errors, meta_override=True,
+                )
+        else:
+            result = single_nb_execution(
+                chapter.notebook, cwd=str(chapter.path.parent.resolve()),
+                timeout=settings.timeout, allow_errors=settings.allow_errors,
+                meta_override=True,
+            )
+    except Exception as error:  # the kernel died or would not start
+        return Outcome(chapter.path, None, time.perf_counter() - started,
+                       f"the kernel failed: {type(error).__name__}: {error}")
+    cpu = _children_cpu_seconds() - cpu_before
+    if result.err is not None:
+        return Outcome(chapter.path, None, result.time, failing_cell(result.nb),
+                       cpu_seconds=cpu, traceback=result.exc_string or "")
+    return Outcome(chapter.path, result.nb, result.time, cpu_seconds=cpu)
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of this process's finished children: the kernels, once shut down."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run(root: Path, jobs: int | None = None, log=print) -> list[Outcome]:
+    """Execute the stale chapters of the book at ``root`` into its cache; the outcomes."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    settings = read_settings(root)
+    if settings.mode != "cache":
+        log(f"execute_notebooks is {settings.mode!r}, not 'cache': nothing to execute here")
+        return []
+    chapters = book_chapters(root, settings)
+    cache = get_cache(str(settings.cache))
+    stale = stale_chapters(chapters, cache)
+    if not stale:
+        log(f"all {len(chapters)} chapters are in the execution cache: nothing to execute")
+        return []
+    jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(stale)))
+    log(f"executing {len(stale)} of {len(chapters)} chapters, {jobs} at a time")
+    started = time.perf_counter()
+    outcomes = []
+    # fork: the workers inherit the notebooks already read; the cache is written here only
+    # (one process writes its SQLite database).
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(execute_chapter, chapter, settings) for chapter in stale]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            name = _relative(outcome.path, root)
+            if outcome.error is None:
+                cache.cache_notebook_bundle(
+                    CacheBundleIn(outcome.notebook, str(outcome.path.resolve()),
+                                  data={"execution_seconds": outcome.seconds,
+                                        "cpu_seconds": outcome.cpu_seconds}),
+                    check_validity=False, overwrite=True,
+                )
+                log(f"  {outcome.seconds:6.1f} s ({outcome.cpu_seconds:6.1f} s CPU)  {name}")
+            else:
+                log(f"  {outcome.seconds:6.1f} s ({outcome.cpu_seconds:6.1f} s CPU)  {name}  FAILED")
+    wall = sum(o.seconds for o in outcomes)
+    cpu = sum(o.cpu_seconds for o in outcomes)
+    log(f"executed in {time.perf_counter() - started:.1f} s wall, {jobs} at a time "
+        f"(sum of chapter times {wall:.1f} s wall, {cpu:.1f} s CPU)")
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="the book's folder (default: .)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="chapters executed at once (default: the number of cores)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the chapters that would be executed, execute nothing")
+    options = parser.parse_args(argv)
+    root = Path(options.root)
+    if options.list:
+        settings = read_settings(root)
+        from jupyter_cache import get_cache
+
+        for chapter in stale_chapters(book_chapters(root, settings), get_cache(str(settings.cache))):
+            print(_relative(chapter.path, root))
+        return 0
+    failures = [o for o in run(root, options.jobs) if o.error is not None]
+    for outcome in failures:
+        print(f"\n{outcome.traceback}", file=sys.stderr)
+    for outcome in failures:
+        print(f"chapter {_relative(outcome.path, root)} failed: {outcome.error}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} chapter(s) failed to execute; the book was not built",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

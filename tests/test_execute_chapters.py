@@ -1,0 +1,205 @@
+"""scripts/execute_chapters.py: the book's chapters executed in parallel into the jupyter-cache
+that the Sphinx build reads. Tiny throwaway books in a temporary folder, never the real chapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location(
+    "execute_chapters", REPO / "scripts" / "execute_chapters.py")
+execute_chapters = importlib.util.module_from_spec(SPEC)
+sys.modules[SPEC.name] = execute_chapters  # dataclasses and the worker processes look it up
+SPEC.loader.exec_module(execute_chapters)
+
+HEADER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# A tiny chapter
+
+Some prose.
+"""
+
+
+def page(*cells: str) -> str:
+    """A MyST Markdown notebook with these code cells."""
+    return HEADER + "".join(f"\n```{{code-cell}} ipython3\n{cell}\n```\n" for cell in cells)
+
+
+def make_book(root: Path, chapters: dict[str, str], plain=("intro",)) -> Path:
+    """A book at ``root``: plain Markdown pages, then the chapters (name -> page text)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "_config.yml").write_text(yaml.safe_dump({
+        "title": "tiny",
+        "execute": {"execute_notebooks": "cache", "timeout": 120, "run_in_temp": False,
+                    "allow_errors": False},
+    }))
+    for name in plain:
+        (root / f"{name}.md").write_text(f"# {name}\n\nNo code here.\n")
+    for name, text in chapters.items():
+        (root / f"{name}.md").write_text(text)
+    write_toc(root, [*plain[1:], *chapters], plain[0])
+    return root
+
+
+def write_toc(root: Path, files: list[str], first: str = "intro") -> None:
+    (root / "_toc.yml").write_text(yaml.safe_dump({
+        "format": "jb-book", "root": first,
+        "parts": [{"caption": "Chapters", "chapters": [{"file": f} for f in files]}],
+    }))
+
+
+def cache_of(root: Path):
+    from jupyter_cache import get_cache
+
+    return get_cache(str(root / "_build" / ".jupyter_cache"))
+
+
+class RecordingLogger:
+    """Stands in for myst-nb's Sphinx logger: keeps the messages."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def _record(self, message, *args, **kwargs):
+        self.messages.append(str(message))
+
+    info = warning = debug = error = _record
+
+
+def myst_nb_client(root: Path, name: str, cache_path: Path):
+    """myst-nb's cache client for a page, configured as the Sphinx build configures it."""
+    from myst_nb.core.config import NbParserConfig
+    from myst_nb.core.execute.cache import NotebookClientCache
+
+    settings = execute_chapters.read_settings(root)
+    path = root / f"{name}.md"
+    notebook = execute_chapters.read_chapter(path, settings).notebook
+    config = NbParserConfig(execution_mode="cache", execution_cache_path=str(cache_path),
+                            execution_timeout=120, execution_in_temp=False)
+    logger = RecordingLogger()
+    return NotebookClientCache(notebook, path, config, logger), logger
+
+
+def code_outputs(notebook) -> list:
+    return [cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code"]
+
+
+DETERMINISTIC = page(
+    "import numpy as np\nrng = np.random.default_rng(0)\nx = rng.normal(size=5)\nprint(x.round(6))",
+    "x.sum().round(6)",
+)
+
+
+def test_the_chapters_are_the_notebook_pages_of_the_table_of_contents(tmp_path):
+    root = make_book(tmp_path, {"a": page("1"), "b": page("2")}, plain=("intro", "appendix"))
+    nested = {"format": "jb-book", "root": "intro", "parts": [{"caption": "C", "chapters": [
+        {"file": "a", "sections": [{"file": "b"}]}, {"file": "appendix"}]}]}
+    (root / "_toc.yml").write_text(yaml.safe_dump(nested))
+    settings = execute_chapters.read_settings(root)
+    assert [p.name for p in execute_chapters.toc_pages(root)] == [
+        "intro.md", "a.md", "b.md", "appendix.md"]
+    assert [c.path.name for c in execute_chapters.book_chapters(root, settings)] == [
+        "a.md", "b.md"]
+    nested["parts"][0]["chapters"].append({"file": "missing"})
+    (root / "_toc.yml").write_text(yaml.safe_dump(nested))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        execute_chapters.toc_pages(root)
+
+
+def test_stale_chapters_run_once_and_a_warm_run_executes_nothing(tmp_path):
+    root = make_book(tmp_path, {"a": page("print('a')"), "b": page("print('b')")})
+    outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    assert sorted(o.path.name for o in outcomes) == ["a.md", "b.md"]
+    assert all(o.error is None for o in outcomes)
+    records = {r.pk: r.created for r in cache_of(root).list_cache_records()}
+    assert len(records) == 2
+
+    lines = []
+    assert execute_chapters.run(root, jobs=2, log=lines.append) == []
+    assert lines == ["all 2 chapters are in the execution cache: nothing to execute"]
+    assert {r.pk: r.created for r in cache_of(root).list_cache_records()} == records
+
+    # A changed cell makes its chapter stale, and only that one.
+    (root / "b.md").write_text(page("print('b, changed')"))
+    outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    assert [o.path.name for o in outcomes] == ["b.md"]
+
+
+def test_a_chapter_added_to_the_table_of_contents_is_picked_up(tmp_path, capsys):
+    root = make_book(tmp_path, {"a": page("1")})
+    execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    (root / "c.md").write_text(page("3"))
+    write_toc(root, ["a", "c"])
+    assert execute_chapters.main(["--root", str(root), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["c.md"]
+
+
+def test_myst_nb_finds_the_executed_chapter_in_the_cache_with_the_same_outputs(tmp_path):
+    root = make_book(tmp_path, {"a": DETERMINISTIC})
+    # The serial route: myst-nb's own client executes the page into another cache.
+    serial, serial_log = myst_nb_client(root, "a", tmp_path / "serial_cache")
+    with serial:
+        serial_outputs = code_outputs(serial.notebook)
+    assert any(m.startswith("Executed notebook") for m in serial_log.messages)
+
+    execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    client, log = myst_nb_client(root, "a", root / "_build" / ".jupyter_cache")
+    with client:
+        outputs = code_outputs(client.notebook)
+    assert any(m.startswith("Using cached notebook") for m in log.messages), log.messages
+    assert not any(m.startswith("Executing notebook") for m in log.messages), log.messages
+    assert outputs == serial_outputs
+    assert "[ 0.12573" in outputs[0][0]["text"]  # it ran: the seeded draw is printed
+
+
+def test_a_failing_cell_fails_with_the_chapter_and_cell_named(tmp_path, capsys):
+    failing = page("x = 1", "assert x + 1 == 3, 'the check failed'", "print('never')")
+    root = make_book(tmp_path, {"a": page("print('fine')"), "b": failing})
+    assert execute_chapters.main(["--root", str(root), "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    line = failing.splitlines().index("assert x + 1 == 3, 'the check failed'") + 1
+    assert (f"chapter b.md failed: cell 3 (line {line}), starting "
+            "\"assert x + 1 == 3, 'the check failed'\": AssertionError: the check failed") in err
+    assert "1 chapter(s) failed to execute" in err
+    # The good chapter is cached, the failing one is not: the next run executes only it.
+    assert [p.name for p in map(Path, (r.uri for r in cache_of(root).list_cache_records()))] == [
+        "a.md"]
+    assert execute_chapters.main(["--root", str(root), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["b.md"]
+
+
+def test_chapters_execute_at_the_same_time(tmp_path):
+    # Each chapter announces itself, then waits for the other: run one after the other, the
+    # first would give up after a minute and fail.
+    def waits_for(me, other):
+        return page(
+            "import pathlib, time\n"
+            f"pathlib.Path('{me}.started').touch()\n"
+            "deadline = time.monotonic() + 60\n"
+            f"while not pathlib.Path('{other}.started').exists():\n"
+            "    assert time.monotonic() < deadline, 'the other chapter never started'\n"
+            "    time.sleep(0.05)")
+
+    root = make_book(tmp_path, {"a": waits_for("a", "b"), "b": waits_for("b", "a")})
+    outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    assert [o.error for o in outcomes] == [None, None]
+
+
+def test_make_book_executes_the_chapters_before_the_sphinx_build():
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile.split("\nbook:", 1)[1].split("\n\n", 1)[0]
+    assert recipe.index("scripts/execute_chapters.py") < recipe.index("jupyter-book build")
