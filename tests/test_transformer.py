@@ -156,3 +156,14 @@ def test_bad_input_raises_clear_errors():
         model(torch.rand(2, 40, 28))  # longer than the position table
     with pytest.raises(ShapeError, match="expects input of shape"):
         model(torch.rand(2, 28 * 28))
+
+
+def test_training_a_variant_twice_gives_identical_weights():
+    from normcourse.data import load_mnist
+    from normcourse.experiments import ch09_normalization_in_transformers as ch9
+
+    data = ch9.mnist_tensors(load_mnist("embedded"), test_examples=100)
+    a, b = (ch9.train_variant(data, "post-LN + warm-up", 3e-3, seed=4, steps=6, eval_every=3,
+                              num_layers=2) for _ in range(2))
+    assert a.accuracy == b.accuracy and a.history.train_loss == b.history.train_loss
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
