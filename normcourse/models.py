@@ -27,15 +27,20 @@ so layers feeding it keep theirs. The output layer is never normalized.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normcourse import nn as ncnn
-from normcourse.validation import check_choice
+from normcourse.validation import ShapeError, check_choice, check_floating, check_rank
 
-__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet"]
+__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet",
+           "PLACEMENTS", "TRANSFORMER_NORMS", "SelfAttention", "TransformerBlock",
+           "TransformerClassifier", "SequenceBatchNorm", "sinusoidal_positions"]
 
 NORMS = ("none", "batch", "layer", "renorm", "torch_batch", "torch_layer")
 # chapter 8's norms: RMSNorm in both builders; group and instance norm in the convnet only
@@ -197,3 +202,179 @@ def convnet(
     layers["flatten"] = nn.Flatten()
     layers["out"] = nn.Linear(fan_in * size * size, num_classes)
     return nn.Sequential(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# A small transformer encoder (chapter 9)
+# ---------------------------------------------------------------------------------------------
+# Where the norm sits in each block, which norm it is, and what takes the place of the norm layer
+# for "batch" (batch norm over the batch *and* the positions, chapter 5's argument at sequence
+# scale) and for the torch.nn layers the tests compare ours with.
+PLACEMENTS = ("post", "pre")
+TRANSFORMER_NORMS = ("layer", "rms", "batch", "none", "torch_layer", "torch_rms")
+
+
+class SequenceBatchNorm(nn.Module):
+    """Batch norm for tokens x: (N, T, D): one mean and variance per feature over all N * T
+    tokens of the batch (``normcourse.nn.BatchNorm1d`` on the (N, D, T) layout). Padded positions,
+    if any, are counted like real tokens: that is the point of chapter 9's check."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.bn = ncnn.BatchNorm1d(d_model)
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _token_norm(norm: str, d_model: int) -> nn.Module:
+    """The normalization layer over a token's d_model features (or over the batch, "batch")."""
+    layers = {"layer": ncnn.LayerNorm, "rms": ncnn.RMSNorm, "batch": SequenceBatchNorm,
+              "torch_layer": nn.LayerNorm, "torch_rms": nn.RMSNorm, "none": lambda d: nn.Identity()}
+    return layers[norm](d_model)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017): x (N, T, D) -> (N, T, D).
+
+    One linear layer makes the queries, keys and values of all heads; each head attends with
+    softmax(Q K^T / sqrt(D / heads)); ``out`` mixes the heads. ``padding_mask`` (N, T), True at
+    padded positions, keeps every query from attending to them.
+    """
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x, padding_mask=None):
+        n, t, d = x.shape
+        heads = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = heads.permute(2, 0, 3, 1, 4)  # each (N, heads, T, D / heads)
+        # softmax(q k^T / sqrt(D / heads)) v in one fused call; a padded key gets weight 0
+        keep = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (N, heads, T, D/heads)
+        return self.out(mixed.transpose(1, 2).reshape(n, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """One encoder block: self-attention and an MLP, each a residual branch, x (N, T, D).
+
+    ``placement="post"`` (Vaswani et al. 2017): the norm follows each residual addition,
+    ``x = norm1(x + attn(x))``, ``x = norm2(x + mlp(x))``.
+    ``placement="pre"`` (Xiong et al. 2020): the norm opens each branch and the residual stream
+    itself is never normalized, ``x = x + attn(norm1(x))``, ``x = x + mlp(norm2(x))``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, norm: str = "layer",
+                 placement: str = "pre"):
+        super().__init__()
+        self.placement = placement
+        self.attn = SelfAttention(d_model, num_heads)
+        self.norm1 = _token_norm(norm, d_model)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(d_model, d_ff), act=nn.ReLU(),
+                                             fc2=nn.Linear(d_ff, d_model)))
+        self.norm2 = _token_norm(norm, d_model)
+
+    def forward(self, x, padding_mask=None):
+        if self.placement == "pre":
+            x = x + self.attn(self.norm1(x), padding_mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, padding_mask))
+        return self.norm2(x + self.mlp(x))
+
+
+def sinusoidal_positions(length: int, d_model: int):
+    """Vaswani et al.'s fixed position encoding, (length, d_model): sin and cos of the position
+    at wavelengths from 2 pi to 10000 * 2 pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32)
+                          * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
+
+
+class TransformerClassifier(nn.Module):
+    """A small transformer encoder that reads an image row by row and classifies it.
+
+    x: (N, T, input_size) tokens, or MNIST images (N, 1, 28, 28) read as T = 28 tokens of 28
+    pixels -> logits (N, num_classes). ``embed`` (linear) plus the sinusoidal positions, then
+    ``num_layers`` ``TransformerBlock``s (``model.blocks[i]``), then ``final_norm`` (an
+    ``nn.Identity`` when off), the mean over the (unpadded) tokens, and ``head`` (linear).
+
+    Args:
+        norm: one of ``TRANSFORMER_NORMS``: ``"layer"`` / ``"rms"`` are ``normcourse.nn``'s
+            LayerNorm / RMSNorm, ``"torch_layer"`` / ``"torch_rms"`` torch.nn's, ``"batch"`` batch
+            norm over all tokens of the batch (``SequenceBatchNorm``), ``"none"`` nothing.
+        placement: ``"post"`` or ``"pre"`` (see ``TransformerBlock``).
+        final_norm: a norm of the same kind before the head; None (default) means "pre" gets
+            one (Xiong et al.: its residual stream is never normalized) and "post" does not (its
+            last block ends with a norm).
+
+    Every linear layer starts Xavier-uniform with zero bias (Xiong et al.'s analysis assumes
+    it); norms start at gain 1, bias 0.
+    """
+
+    def __init__(self, *, num_layers: int = 6, d_model: int = 32, num_heads: int = 4,
+                 d_ff: int = 64, norm: str = "layer", placement: str = "pre",
+                 final_norm: bool | None = None, input_size: int = 28, max_length: int = 28,
+                 num_classes: int = 10):
+        super().__init__()
+        check_choice(norm, TRANSFORMER_NORMS, "norm")
+        check_choice(placement, PLACEMENTS, "placement")
+        for value, what in ((num_layers, "num_layers"), (d_model, "d_model"),
+                            (num_heads, "num_heads"), (d_ff, "d_ff"), (input_size, "input_size"),
+                            (max_length, "max_length"), (num_classes, "num_classes")):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.norm, self.placement, self.input_size = norm, placement, input_size
+        self.final_norm_on = placement == "pre" if final_norm is None else bool(final_norm)
+        self.embed = nn.Linear(input_size, d_model)
+        self.register_buffer("positions", sinusoidal_positions(max_length, d_model),
+                             persistent=False)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, num_heads, d_ff, norm, placement)
+                                    for _ in range(num_layers))
+        self.final_norm = _token_norm(norm, d_model) if self.final_norm_on else nn.Identity()
+        self.head = nn.Linear(d_model, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def tokens(self, x):
+        """Images (N, 1, H, W) -> (N, H, W); tokens (N, T, input_size) pass; else ShapeError."""
+        check_floating(x, "TransformerClassifier")
+        if x.ndim == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        check_rank(x, (3,), "TransformerClassifier",
+                   f"(N, T, {self.input_size}) tokens or (N, 1, H, {self.input_size}) images")
+        if x.shape[2] != self.input_size or x.shape[1] > len(self.positions):
+            raise ShapeError(f"TransformerClassifier(input_size={self.input_size}, max_length="
+                             f"{len(self.positions)}) got tokens of shape {tuple(x.shape)}")
+        return x
+
+    def residual_stream(self, x, padding_mask=None):
+        """The residual stream after the embedding and after each block: a list of
+        num_layers + 1 tensors (N, T, D) (before the final norm)."""
+        x = self.tokens(x)
+        h = self.embed(x) + self.positions[: x.shape[1]]
+        stream = [h]
+        for block in self.blocks:
+            h = block(h, padding_mask)
+            stream.append(h)
+        return stream
+
+    def forward(self, x, padding_mask=None):
+        """x: (N, T, input_size) or (N, 1, T, input_size); padding_mask: (N, T) bool, True
+        at padded positions (left out of attention and of the mean) -> logits (N, classes)."""
+        h = self.final_norm(self.residual_stream(x, padding_mask)[-1])
+        if padding_mask is None:
+            return self.head(h.mean(dim=1))
+        keep = (~padding_mask).to(h.dtype)[:, :, None]
+        return self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+

@@ -38,6 +38,7 @@ __all__ = [
     "EvalOptions",
     "ActivationProbe",
     "OPTIMIZERS",
+    "warmup_factor",
     "train",
     "evaluate",
     "evaluate_with_batch_statistics",
@@ -294,6 +295,17 @@ def _make_optimizer(name: str, parameters: Iterable, lr: float,
     return torch.optim.Adam(parameters, lr=lr)
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier of a linear warm-up at training step ``step`` (1, 2, ...):
+    ``step / warmup_steps`` for the first ``warmup_steps`` steps, then 1 (0 steps: always 1).
+
+    With ``warmup_steps=4`` the first four updates use 1/4, 2/4, 3/4 and 4/4 of the rate.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be 0 or more, got {warmup_steps}")
+    return min(1.0, step / warmup_steps) if warmup_steps else 1.0
+
+
 def _next_indices(batches: Iterator, step: int, batch_size: int, device: torch.device) -> torch.Tensor:
     try:
         indices = next(batches)
@@ -317,6 +329,7 @@ def train(
     eval_every: int,
     optimizer: str = "sgd",
     sgd_momentum: float = 0.0,
+    warmup_steps: int = 0,
     sampler: Iterator | None = None,
     probes: Sequence[ActivationProbe] | None = None,
     evaluation: EvalOptions = EvalOptions(),
@@ -338,6 +351,8 @@ def train(
         optimizer: ``"sgd"`` or ``"adam"``.
         sgd_momentum: SGD's momentum (heavy ball; 0: plain SGD). Not batch norm's
             ``momentum``, which weights the running statistics.
+        warmup_steps: a linear learning-rate warm-up (``warmup_factor``): step t updates
+            with ``lr * min(1, t / warmup_steps)``; 0 (default): ``lr`` from the first step.
         sampler: an iterator of index arrays (batch_size,) into the training set, e.g.
             ``normcourse.data.class_subset_batches`` for non-i.i.d. batches; default
             ``iid_batches`` (reshuffled each epoch).
@@ -359,6 +374,8 @@ def train(
     _check_positive_int(eval_batch_size, "EvalOptions.batch_size", allow_none=True)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     seed_everything(seed)
     device = torch.device(device)
     model.to(device)
@@ -398,6 +415,9 @@ def train(
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if warmup_steps:
+            for group in opt.param_groups:
+                group["lr"] = lr * warmup_factor(step, warmup_steps)
         opt.step()
         history.train_time += time.perf_counter() - tic
         history.steps_done = step

@@ -20,6 +20,7 @@ from normcourse.train import (
     evaluate,
     evaluate_with_batch_statistics,
     train,
+    warmup_factor,
 )
 from normcourse.utils import seed_everything
 
@@ -213,6 +214,42 @@ def test_adam_and_momentum_are_used():
     with_momentum = run(small_mlp(), data, steps=20, eval_every=20, sgd_momentum=0.9)
     adam = run(small_mlp(), data, steps=20, eval_every=20, optimizer="adam", lr=1e-3)
     assert len({plain.train_loss[0], with_momentum.train_loss[0], adam.train_loss[0]}) == 3
+
+
+def test_warmup_factor_is_linear_then_one():
+    assert [warmup_factor(t, 4) for t in range(1, 7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(1, 0) == 1.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_factor(1, -1)
+
+
+def test_warmup_scales_each_update_and_then_uses_the_full_rate():
+    """Plain SGD: each update is -lr * factor * gradient, so with the same first batch the first
+    update of a warmed-up run is a quarter of the full-rate run's; after the warm-up, lr."""
+    data = blobs()
+    weights = {}
+    for warmup in (0, 4):
+        model = small_mlp()
+        before = model.out.weight.detach().clone()
+        run(model, data, steps=1, eval_every=1, warmup_steps=warmup)
+        weights[warmup] = model.out.weight.detach() - before
+    assert torch.allclose(weights[4], 0.25 * weights[0], rtol=1e-5, atol=1e-8)
+    seen = []
+    model = small_mlp()
+    original = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    torch.optim.SGD.step = spy
+    try:
+        run(model, data, steps=6, eval_every=6, warmup_steps=4)
+    finally:
+        torch.optim.SGD.step = original
+    assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        run(small_mlp(), data, warmup_steps=-2)
 
 
 def test_trains_on_an_mnist_object_with_mlp_and_convnet():

@@ -165,6 +165,23 @@ CHAPTERS: tuple[Chapter, ...] = (
         ),
     ),
     Chapter(
+        9, "09_normalization_in_transformers", "Normalization in transformers",
+        (
+            "write a pre-LN and a post-LN residual block and say where each puts the norm",
+            "implement a linear learning-rate warm-up",
+            "measure per-block gradient norms of a shared weight",
+            "explain why a transformer normalizes over features, not over the batch",
+        ),
+        50, 50,
+        ("05_layer_norm", "08_normalization_without_the_batch",
+         "self-attention and the transformer encoder"),
+        (
+            "why a pre-LN transformer needs a final norm before the output head and a post-LN "
+            "one does not",
+            "why post-LN needs a learning-rate warm-up with Adam and pre-LN does not",
+        ),
+    ),
+    Chapter(
         10, "10_batch_norm_across_devices", "Batch norm across devices",
         (
             "say what a data-parallel worker's batch norm computes, and simulate k workers with "
