@@ -45,30 +45,33 @@ def _parameter(model: nn.Module, name: str) -> nn.Parameter:
     return parameters[name]
 
 
-def _gradients(model: nn.Module, loss_fn: LossFn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _gradients(model: nn.Module, loss_fn: LossFn):
     """The loss and the gradient of every parameter (zeros where it does not reach)."""
     params = list(model.parameters())
     loss = loss_fn(model)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return loss.detach(), grads
 
 
 @dataclass
 class GradientChange:
-    """G: a layer's gradient; G': the same after the layers below took their SGD step."""
+    """G: a layer's gradient; G': the same after the layers below took their step."""
 
     distance: float  # ||G - G'||_2
     cosine: float  # <G, G'> / (||G|| ||G'||)
     relative: float  # ||G - G'|| / ||G||
 
 
-def gradient_change(model: nn.Module, loss_fn: LossFn, parameter: str, lr: float) -> GradientChange:
-    """Santurkar et al.'s ICS of the layer holding ``parameter`` (e.g. ``"fc3.weight"``).
+def gradient_change(model: nn.Module, loss_fn: LossFn, parameter: str,
+                    lr: float) -> GradientChange:
+    """Santurkar et al.'s ICS of the layer holding ``parameter`` (``"fc3.weight"``).
 
-    G is the gradient of ``loss_fn`` with respect to ``parameter``. Every parameter registered
-    *before* it (the layers below, in a sequential model) then takes one SGD step of size ``lr``
-    with its own gradient, and G' is the gradient of the same parameter on the same batch: how
-    much the layer's optimization problem moved because its input distribution moved.
+    G is the gradient of ``loss_fn`` with respect to ``parameter``. Every parameter
+    registered *before* it (the layers below, in a sequential model) then takes one SGD
+    step of size ``lr`` with its own gradient, and G' is the gradient of the same
+    parameter on the same batch: how much the layer's optimization problem moved
+    because its input distribution moved.
     """
     probe = copy.deepcopy(model)
     target = _parameter(probe, parameter)
@@ -89,7 +92,7 @@ def gradient_change(model: nn.Module, loss_fn: LossFn, parameter: str, lr: float
 
 @dataclass
 class LossAlongGradient:
-    """The loss and gradient at w - eta * g for each eta of ``etas`` (g: the gradient at w)."""
+    """The loss and gradient at w - eta * g for each eta of ``etas`` (g: grad at w)."""
 
     etas: tuple[float, ...]
     losses: tuple[float, ...]  # L(w - eta g)
@@ -98,25 +101,27 @@ class LossAlongGradient:
 
     @property
     def loss_variation(self) -> float:
-        """max - min of the loss along the direction: how far the loss moves over the steps."""
+        """max - min of the loss over the steps along the direction."""
         return max(self.losses) - min(self.losses)
 
     @property
     def gradient_predictiveness(self) -> float:
-        """The largest change of the gradient along the direction (small: predictive)."""
+        """The largest change of the gradient along the direction (small: good)."""
         return max(self.gradient_distances)
 
     @property
     def effective_beta(self) -> float:
-        """max over the steps of ||grad(w - eta g) - g|| / ||eta g||: a Lipschitz constant of
-        the gradient measured along the path the optimizer takes (effective beta-smoothness)."""
+        """max over the steps of ||grad(w - eta g) - g|| / ||eta g||: a Lipschitz
+        constant of the gradient along the optimizer's path (effective beta)."""
         return max(d / (eta * self.gradient_norm)
                    for d, eta in zip(self.gradient_distances, self.etas))
 
 
-def loss_along_gradient(model: nn.Module, loss_fn: LossFn, etas: Sequence[float]) -> LossAlongGradient:
-    """Step from the model's weights w along its gradient g by each eta of ``etas`` (> 0); record
-    the loss and how far the gradient there is from g (all parameters move, on the same batch)."""
+def loss_along_gradient(model: nn.Module, loss_fn: LossFn,
+                        etas: Sequence[float]) -> LossAlongGradient:
+    """Step from the model's weights w along its gradient g by each eta of ``etas``
+    (> 0); record the loss and how far the gradient there is from g (all parameters
+    move; the same batch)."""
     etas = tuple(float(e) for e in etas)
     if not etas or min(etas) <= 0:
         raise ValueError(f"etas must be positive step sizes, got {etas}")
@@ -132,8 +137,8 @@ def loss_along_gradient(model: nn.Module, loss_fn: LossFn, etas: Sequence[float]
                 p.copy_(p0 - eta * gp)
         loss, g_eta = _gradients(probe, loss_fn)
         losses.append(float(loss))
-        distances.append(float(torch.linalg.vector_norm(torch.cat([v.flatten() for v in g_eta])
-                                                        - flat_g)))
+        flat = torch.cat([v.flatten() for v in g_eta])
+        distances.append(float(torch.linalg.vector_norm(flat - flat_g)))
     return LossAlongGradient(etas, tuple(losses), tuple(distances),
                              float(torch.linalg.vector_norm(flat_g)))
 
@@ -141,9 +146,9 @@ def loss_along_gradient(model: nn.Module, loss_fn: LossFn, etas: Sequence[float]
 def effective_learning_rate(weight: torch.Tensor, lr: float) -> torch.Tensor:
     """lr / ||w_i||^2 for each output unit i: weight (C_out, ...) -> (C_out,).
 
-    With batch norm after the layer, unit i's output depends on w_i / ||w_i|| only, and an SGD
-    step of size lr moves that direction as a step of size lr / ||w_i||^2 would move a unit
-    vector (the gradient is orthogonal to w_i and scales as 1 / ||w_i||).
+    With batch norm after the layer, unit i's output depends on w_i / ||w_i|| only,
+    and an SGD step of size lr moves that direction as a step of size lr / ||w_i||^2
+    would move a unit vector (the gradient is orthogonal to w_i, scales as 1 / ||w_i||).
     """
     return lr / weight.detach().flatten(1).pow(2).sum(dim=1)
 

@@ -248,7 +248,7 @@ class _NoisyBatchNorm(_BatchNorm):
             return out
         self.last_scale = self._uniform(self.scale_range, x)
         self.last_shift = self._uniform(self.shift_range, x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)  # one value per channel, broadcast over N, *
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # one value per channel
         return out * self.last_scale.view(shape) + self.last_shift.view(shape)
 
 
