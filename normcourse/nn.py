@@ -205,37 +205,39 @@ class BatchNorm2d(_BatchNorm):
 
 
 class _NoisyBatchNorm(_BatchNorm):
-    """Batch norm followed by per-unit noise that changes at every training step: Santurkar et
-    al.'s "noisy BN" (2018, Sec. 2), which *adds* covariate shift after batch norm.
+    """Batch norm followed by per-unit noise that changes at every training step:
+    Santurkar et al.'s "noisy BN" (2018, Sec. 2), which *adds* covariate shift.
 
     In training mode each forward pass draws, for every channel j, a scale
-    a_j ~ U(scale_range) and a shift b_j ~ U(shift_range) and returns a_j * BN(x)_j + b_j: the
-    next layer sees each unit with a non-zero mean and a non-unit variance that jump at every
-    step. Eval mode is plain batch norm (no noise). The draws come from ``generator`` (a
-    ``torch.Generator``, so that the noise is seeded apart from the global RNG; None: the global
-    one) and are kept as ``last_scale`` and ``last_shift`` (C,) for inspection. Other arguments,
-    buffers and the state_dict are batch norm's.
+    a_j ~ U(scale_range) and a shift b_j ~ U(shift_range) and returns
+    a_j * BN(x)_j + b_j: the next layer sees each unit with a non-zero mean and a
+    non-unit variance that jump at every step. Eval mode is plain batch norm. The draws
+    come from ``generator`` (a ``torch.Generator``, seeded apart from the global RNG;
+    None: the global one) and are kept as ``last_scale`` and ``last_shift`` (C,).
+    Other arguments, buffers and the state_dict are batch norm's.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, shift_range=(-1.0, 1.0),
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True,
+                 shift_range=(-1.0, 1.0),
                  scale_range=(0.5, 2.0), generator=None):
         layer = type(self).__name__
         self.shift_range = check_interval(shift_range, "shift_range", layer)
-        self.scale_range = check_interval(scale_range, "scale_range", layer, minimum=0.0)
+        self.scale_range = check_interval(scale_range, "scale_range", layer, minimum=0)
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{layer} expects generator to be a torch.Generator or None, "
-                            f"got {type(generator).__name__}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
+            raise TypeError(f"{layer} expects generator to be a torch.Generator or "
+                            f"None, got {type(generator).__name__}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device, dtype, bias=bias)
         self.generator = generator
         self.last_scale = self.last_shift = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, shift_range={self.shift_range}, scale_range={self.scale_range}"
+        ranges = f"shift_range={self.shift_range}, scale_range={self.scale_range}"
+        return f"{super().extra_repr()}, {ranges}"
 
     def _uniform(self, interval, x):
-        """(C,) values uniform on ``interval``, drawn on the generator's device, in x's dtype."""
+        """(C,) values uniform on ``interval``, on the generator's device, x's dtype."""
         device = self.generator.device if self.generator is not None else x.device
         u = torch.rand(self.num_features, generator=self.generator, device=device)
         low, high = interval
