@@ -162,3 +162,56 @@ def test_dropout_before_batch_norm_shifts_its_variance(claims_mnist):
     assert shift["before_bn"][2] > 1.3
     assert shift["before_bn"][1] > shift["after_bn"][1] + 0.2
     assert shift["before_bn"][2] > shift["after_bn"][2] + 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment module's pieces (fast)
+# ---------------------------------------------------------------------------------------------
+def _tiny_data(n=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y, x[:60], y[:60]
+
+
+def test_build_places_noise_and_dropout_where_the_chapter_says():
+    from normcourse import nn as ncnn
+
+    noisy = ch7.build("noisy", seed=0)
+    assert [type(m) for m in noisy if "Norm" in type(m).__name__] == [ncnn.NoisyBatchNorm1d] * 3
+    conv = ch7.build("noisy", "convnet", seed=0)
+    assert sum(isinstance(m, ncnn.NoisyBatchNorm2d) for m in conv) == 2
+    before = [n for n, _ in ch7.build("batch", dropout="before_bn").named_children()]
+    assert before.index("drop1") == before.index("act1") + 1 < before.index("norm2")
+    assert "drop2" in before and "drop3" not in before
+    after = [n for n, _ in ch7.build("batch", dropout="after_bn").named_children()]
+    assert [n for n in after if n.startswith("drop")] == ["drop3"]
+    assert after.index("drop3") == after.index("out") - 1
+    with pytest.raises(ValueError, match="norm"):
+        ch7.build("layer")
+
+
+def test_probes_do_not_change_the_run_and_runs_are_deterministic():
+    data = _tiny_data()
+    plain = ch7.train_run(data, norm="batch", steps=6)
+    probed = ch7.train_run(data, norm="batch", steps=6, probe_every=2)
+    again = ch7.train_run(data, norm="batch", steps=6, probe_every=2)
+    assert plain.train_loss == probed.train_loss == again.train_loss
+    assert probed.probe_steps == [0, 2, 4, 5]
+    assert [g.distance for g in probed.gradient_change] == [g.distance for g in again.gradient_change]
+    assert len(probed.along_gradient) == 4 and len(probed.input_mean[0]) == 100
+
+
+def test_weight_decay_and_variance_shift_helpers():
+    data = _tiny_data()
+    run = ch7.train_run(data, norm="batch", steps=5, weight_decay=0.0)
+    assert len(run.weight_norm) == len(run.effective_lr) == len(run.angle) == 5
+    # plain SGD on a scale-invariant layer: the norm never shrinks
+    assert np.all(np.diff(run.weight_norm) > -1e-4)
+    model = ch7.build("batch", dropout="before_bn")
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(data[0][:120])
+    shift = ch7.variance_shift(model, data[0])
+    assert len(shift) == 3 and shift[2] > 1.1  # dropout (p=0.5) inflated the training variance

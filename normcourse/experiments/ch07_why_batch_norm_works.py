@@ -158,10 +158,12 @@ class Run:
 def train_run(tensors, *, norm: str = "batch", architecture: str = "mlp", seed: int = 0,
               steps: int = 300, lr: float | None = None, batch_size: int = BATCH_SIZE,
               weight_decay: float = 0.0, stats_batch: int | None = None,
-              dropout: str | None = None, probe_every: int | None = None,
+              dropout: str | None = None, dropout_p: float = 0.5,
+              probe_every: int | None = None,
               watch: str = "fc2.weight", noise: dict | None = None,
               keep_model: bool = False) -> Run:
-    """Train ``build(norm, architecture, seed, dropout)`` with plain SGD on cross-entropy.
+    """Train ``build(norm, architecture, seed, dropout, dropout_p)`` with plain SGD on
+    cross-entropy.
 
     weight_decay: SGD's L2 term on the weights of the linear/conv layers (not on BN's gamma and
     beta, nor on biases). stats_batch: forward a batch of this many examples, which starts with
@@ -174,7 +176,7 @@ def train_run(tensors, *, norm: str = "batch", architecture: str = "mlp", seed: 
     """
     lr = lr if lr is not None else (LR if architecture == "mlp" else CONV_LR)
     x_train, y_train, x_test, y_test = tensors
-    model = build(norm, architecture, seed, dropout, noise=noise)
+    model = build(norm, architecture, seed, dropout, dropout_p, noise=noise)
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     others = [p for p in model.parameters() if all(p is not w for w in weights)]
     optimizer = torch.optim.SGD([{"params": weights, "weight_decay": weight_decay},
@@ -318,8 +320,8 @@ def dropout_variance_shift(data, placements: Sequence[str] = ("before_bn", "afte
     tensors = mnist_tensors(data, train_examples)
 
     def one(placement, seed):
-        run = train_run(tensors, steps=steps, seed=seed, dropout=placement, watch=None,
-                        keep_model=True)
+        run = train_run(tensors, steps=steps, seed=seed, dropout=placement, dropout_p=p,
+                        watch=None, keep_model=True)
         return {"shift": variance_shift(run.model, tensors[2]), "accuracy": run.test_accuracy,
                 "recalibrated": _recalibrated_accuracy(run.model, tensors), "run": run}
 
