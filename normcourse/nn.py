@@ -40,13 +40,14 @@ from normcourse.validation import (
     check_groups,
     check_layer_norm_input,
     check_rank,
+    check_interval,
     check_same_dtype,
     ShapeError,
 )
 from normcourse.sync_batch_norm import SyncBatchNorm  # chapter 10; re-exported
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d",
+    "BatchNorm1d", "BatchNorm2d", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "LayerNorm", "BatchRenorm1d", "BatchRenorm2d",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "RMSNorm", "WSConv2d", "SyncBatchNorm",
 ]
 
@@ -188,6 +189,70 @@ class BatchNorm1d(_BatchNorm):
 
 class BatchNorm2d(_BatchNorm):
     """Batch norm over (N, C, H, W) inputs, statistics per channel over N, H and W."""
+
+    _input_ndims = (4,)
+    _input_layouts = "(N, C, H, W)"
+
+
+class _NoisyBatchNorm(_BatchNorm):
+    """Batch norm followed by per-unit noise that changes at every training step:
+    Santurkar et al.'s "noisy BN" (2018, Sec. 2), which *adds* covariate shift.
+
+    In training mode each forward pass draws, for every channel j, a scale
+    a_j ~ U(scale_range) and a shift b_j ~ U(shift_range) and returns
+    a_j * BN(x)_j + b_j: the next layer sees each unit with a non-zero mean and a
+    non-unit variance that jump at every step. Eval mode is plain batch norm. The draws
+    come from ``generator`` (a ``torch.Generator``, seeded apart from the global RNG;
+    None: the global one) and are kept as ``last_scale`` and ``last_shift`` (C,).
+    Other arguments, buffers and the state_dict are batch norm's.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True,
+                 shift_range=(-1.0, 1.0),
+                 scale_range=(0.5, 2.0), generator=None):
+        layer = type(self).__name__
+        self.shift_range = check_interval(shift_range, "shift_range", layer)
+        self.scale_range = check_interval(scale_range, "scale_range", layer, minimum=0)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{layer} expects generator to be a torch.Generator or "
+                            f"None, got {type(generator).__name__}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device, dtype, bias=bias)
+        self.generator = generator
+        self.last_scale = self.last_shift = None
+
+    def extra_repr(self) -> str:
+        ranges = f"shift_range={self.shift_range}, scale_range={self.scale_range}"
+        return f"{super().extra_repr()}, {ranges}"
+
+    def _uniform(self, interval, x):
+        """(C,) values uniform on ``interval``, on the generator's device, x's dtype."""
+        device = self.generator.device if self.generator is not None else x.device
+        u = torch.rand(self.num_features, generator=self.generator, device=device)
+        low, high = interval
+        return (low + (high - low) * u).to(device=x.device, dtype=x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, *) as batch norm's; same shape out, noisy in training mode only."""
+        out = super().forward(x)
+        if not self.training:
+            return out
+        self.last_scale = self._uniform(self.scale_range, x)
+        self.last_shift = self._uniform(self.shift_range, x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # one value per channel
+        return out * self.last_scale.view(shape) + self.last_shift.view(shape)
+
+
+class NoisyBatchNorm1d(_NoisyBatchNorm):
+    """Noisy batch norm over (N, C) or (N, C, L) inputs (see ``_NoisyBatchNorm``)."""
+
+    _input_ndims = (2, 3)
+    _input_layouts = "(N, C) or (N, C, L)"
+
+
+class NoisyBatchNorm2d(_NoisyBatchNorm):
+    """Noisy batch norm over (N, C, H, W) inputs (see ``_NoisyBatchNorm``)."""
 
     _input_ndims = (4,)
     _input_layouts = "(N, C, H, W)"

@@ -29,6 +29,7 @@ __all__ = [
     "check_global_batch_statistics",
     "check_normalized_shape",
     "check_choice",
+    "check_interval",
     "check_running_pair",
     "check_channel_input",
     "check_layer_norm_input",
@@ -208,3 +209,19 @@ def check_groups(num_channels: int, num_groups: int, layer: str) -> None:
             f"{layer}: num_channels={num_channels} must be divisible by num_groups={num_groups} "
             "(each group takes C / G consecutive channels)"
         )
+
+
+def check_interval(interval, what: str, layer: str, minimum: float | None = None) -> tuple[float, float]:
+    """Return ``interval`` as a pair of floats (low, high) with low <= high, both finite and at
+    least ``minimum`` when given; raise ValueError naming ``what`` otherwise."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"{layer} expects {what} to be a pair (low, high) of numbers, "
+                         f"got {interval!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ValueError(f"{layer} expects {what} = (low, high) with finite low <= high, "
+                         f"got {interval!r}")
+    if minimum is not None and low < minimum:
+        raise ValueError(f"{layer} expects {what} to lie at or above {minimum}, got {interval!r}")
+    return low, high

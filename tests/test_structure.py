@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("normcourse.nn", "normcourse.sync_batch_norm"),
     ("normcourse.models", "normcourse.recurrent", "normcourse.benchmarking",
      "normcourse.figures"),
-    ("normcourse.train", "normcourse.distributed"),
+    ("normcourse.train", "normcourse.distributed", "normcourse.landscape"),
     ("normcourse.experiments", "normcourse.experiments.runner"),
     (r"normcourse.experiments.ch\d\d_\w+",),
     (r"normcourse.exercises(\.\w+)*",),

@@ -150,6 +150,28 @@ CHAPTERS: tuple[Chapter, ...] = (
         ),
     ),
     Chapter(
+        7, "07_why_batch_norm_works", "Why batch norm works",
+        (
+            "measure internal covariate shift as the BN paper did (input moments) and as "
+            "Santurkar et al. did (the change of a layer's gradient when the layers below step)",
+            "build noisy batch norm and say what it shows about the covariate-shift explanation",
+            "measure the loss and the gradient along the gradient direction (loss variation, "
+            "gradient predictiveness, effective beta-smoothness)",
+            "derive the scale invariance of a layer before batch norm, the effective learning "
+            "rate lr / ||w||^2 and what weight decay does to it",
+            "explain dropout's variance shift before batch norm",
+        ),
+        50, 60,
+        ("03_training_with_batch_norm",),
+        (
+            "what noisy batch norm's result says about the internal-covariate-shift "
+            "explanation, and what Santurkar et al.'s gradient measure captures that the input "
+            "moments do not",
+            "what weight decay does to the weights of a layer followed by batch norm, and what "
+            "happens to their norm without it under plain SGD",
+        ),
+    ),
+    Chapter(
         8, "08_normalization_without_the_batch", "Normalization without the batch",
         (
             "implement group norm with the right group reshape, forward and backward",
