@@ -214,16 +214,18 @@ def pointwise_convnet(
     num_groups: int = 4,
     weight_standardization: bool = False,
 ) -> nn.Sequential:
-    """A ConvNet on 1x1 feature maps (a fully connected network written with conv layers):
-    images (N, C, H, W) with C*H*W = sizes[0], or vectors (N, sizes[0]) -> logits (N, sizes[-1]).
+    """A ConvNet on 1x1 feature maps (a fully connected network built from conv layers):
+    images (N, C, H, W) with C*H*W = sizes[0], or vectors (N, sizes[0]) -> logits
+    (N, sizes[-1]).
 
-    ``flatten_input`` and ``to_map`` turn the input into maps (N, sizes[0], 1, 1); for each hidden
-    width (layer i = 1, 2, ...): ``conv{i}`` (1x1 convolution) -> ``norm{i}`` -> ``act{i}``; then
-    ``flatten`` and ``out`` (linear). Chapter 8 uses it for Wu & He's batch-size experiment:
-    with H = W = 1, batch norm's statistics come from the N values of the batch alone, while the
-    layers are the ConvNet's (``BatchNorm2d``, ``GroupNorm`` over groups of channels, and
-    ``WSConv2d`` with ``weight_standardization=True``). ``norm`` is one of ``POINTWISE_NORMS``;
-    the bias rule is ``convnet``'s.
+    ``flatten_input`` and ``to_map`` turn the input into maps (N, sizes[0], 1, 1);
+    for each hidden width (layer i = 1, 2, ...): ``conv{i}`` (1x1 convolution) ->
+    ``norm{i}`` -> ``act{i}``; then ``flatten`` and ``out`` (linear). Chapter 8 uses it
+    for Wu & He's batch-size experiment: with H = W = 1, batch norm's statistics come
+    from the N values of the batch alone, while the layers are the ConvNet's
+    (``BatchNorm2d``, ``GroupNorm`` over groups of channels, ``WSConv2d`` with
+    ``weight_standardization=True``). ``norm`` is one of ``POINTWISE_NORMS``; the bias
+    rule is ``convnet``'s.
     """
     _check_common(norm, activation, None, POINTWISE_NORMS)
     sizes = _checked_sizes(sizes)
