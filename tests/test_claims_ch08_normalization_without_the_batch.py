@@ -106,8 +106,8 @@ def test_weight_standardization_with_batch_norm_falls_like_batch_norm(claims_mni
 @pytest.mark.slow
 def test_weight_standardization_alone_does_not_train(claims_mnist):
     """WS without an activation normalization: standardized filters have unit variance per
-    weight, so each layer multiplies the scale by about sqrt(fan-in); the first steps' huge
-    loss kills the ReLUs and every run ends near chance (under 20 %)."""
+    weight, so each layer multiplies the scale by about sqrt(fan-in); after the first steps'
+    huge loss it stays at chance level, and every run ends under 20 %."""
     ws = _sweep(claims_mnist, "WS")
     assert max(max(accs) for accs in ws.values()) < 0.2
 
