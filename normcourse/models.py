@@ -1,4 +1,6 @@
-"""Model builders for the chapters' experiments: an MLP and a small ConvNet, with any normalization.
+"""Model builders for the chapters' experiments: an MLP, a small ConvNet and its 1x1 variant
+(``pointwise_convnet``, chapter 8) with any normalization, and a small transformer encoder
+(``TransformerClassifier``, chapter 9) whose norm and its placement are a choice.
 
 Both builders return an ``nn.Sequential`` whose layers have readable names, so that probes, hooks
 and the text can address them: ``model.fc3`` (the third hidden linear layer), ``model.norm3``,
@@ -38,7 +40,8 @@ from torch import nn
 from normcourse import nn as ncnn
 from normcourse.validation import ShapeError, check_choice, check_floating, check_rank
 
-__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "ACTIVATIONS", "NORM_POSITIONS", "mlp", "convnet",
+__all__ = ["NORMS", "MLP_NORMS", "CONV_NORMS", "POINTWISE_NORMS", "ACTIVATIONS", "NORM_POSITIONS",
+           "mlp", "convnet", "pointwise_convnet",
            "PLACEMENTS", "TRANSFORMER_NORMS", "SelfAttention", "TransformerBlock",
            "TransformerClassifier", "SequenceBatchNorm", "sinusoidal_positions"]
 
@@ -47,6 +50,8 @@ NORMS = ("none", "batch", "layer", "renorm", "torch_batch", "torch_layer")
 # (instance norm needs feature maps)
 MLP_NORMS = NORMS + ("rms",)
 CONV_NORMS = NORMS + ("rms", "group", "instance")
+# on 1x1 maps instance norm would normalize single values (every output = beta)
+POINTWISE_NORMS = NORMS + ("rms", "group")
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NORM_POSITIONS = ("before", "after")
 
@@ -86,6 +91,13 @@ def _check_common(norm: str, activation: str, renorm_kwargs: dict | None,
         raise ValueError(f"renorm_kwargs are for norm='renorm', but norm={norm!r}")
 
 
+def _checked_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    sizes = tuple(sizes)
+    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(f"sizes must be at least two positive integers (input, ..., output), got {sizes}")
+    return sizes
+
+
 def mlp(
     sizes: Sequence[int] = (784, 100, 100, 100, 10),
     norm: str = "none",
@@ -119,9 +131,7 @@ def mlp(
     """
     _check_common(norm, activation, renorm_kwargs, MLP_NORMS)
     check_choice(norm_position, NORM_POSITIONS, "norm_position")
-    sizes = tuple(sizes)
-    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ValueError(f"sizes must be at least two positive integers (input, ..., output), got {sizes}")
+    sizes = _checked_sizes(sizes)
     if init_scale is not None and not init_scale > 0:
         raise ValueError(f"init_scale must be a positive standard deviation or None, got {init_scale}")
 
@@ -201,6 +211,42 @@ def convnet(
         size, fan_in = size // 2, c
     layers["flatten"] = nn.Flatten()
     layers["out"] = nn.Linear(fan_in * size * size, num_classes)
+    return nn.Sequential(layers)
+
+
+def pointwise_convnet(
+    norm: str = "none",
+    sizes: Sequence[int] = (784, 64, 64, 10),
+    activation: str = "relu",
+    num_groups: int = 4,
+    weight_standardization: bool = False,
+) -> nn.Sequential:
+    """A ConvNet on 1x1 feature maps (a fully connected network built from conv layers):
+    images (N, C, H, W) with C*H*W = sizes[0], or vectors (N, sizes[0]) -> logits
+    (N, sizes[-1]).
+
+    ``flatten_input`` and ``to_map`` turn the input into maps (N, sizes[0], 1, 1);
+    for each hidden width (layer i = 1, 2, ...): ``conv{i}`` (1x1 convolution) ->
+    ``norm{i}`` -> ``act{i}``; then ``flatten`` and ``out`` (linear). Chapter 8 uses it
+    for Wu & He's batch-size experiment: with H = W = 1, batch norm's statistics come
+    from the N values of the batch alone, while the layers are the ConvNet's
+    (``BatchNorm2d``, ``GroupNorm`` over groups of channels, ``WSConv2d`` with
+    ``weight_standardization=True``). ``norm`` is one of ``POINTWISE_NORMS``; the bias
+    rule is ``convnet``'s.
+    """
+    _check_common(norm, activation, None, POINTWISE_NORMS)
+    sizes = _checked_sizes(sizes)
+    bias = norm not in _BATCH_NORMS
+    conv = ncnn.WSConv2d if weight_standardization else nn.Conv2d
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        flatten_input=nn.Flatten(), to_map=nn.Unflatten(1, (sizes[0], 1, 1)))
+    for i, (fan_in, width) in enumerate(zip(sizes[:-2], sizes[1:-1]), start=1):
+        layers[f"conv{i}"] = conv(fan_in, width, kernel_size=1, bias=bias)
+        if norm != "none":
+            layers[f"norm{i}"] = _norm_layer(norm, (width, 1, 1), None, num_groups)
+        layers[f"act{i}"] = ACTIVATIONS[activation]()
+    layers["flatten"] = nn.Flatten()
+    layers["out"] = nn.Linear(sizes[-2], sizes[-1])
     return nn.Sequential(layers)
 
 

@@ -4,8 +4,10 @@
   layer, instance and group norm (the picture of Wu & He 2018, Fig. 2, as numbers);
 - ``invariance_table``: chapter 5's invariance table extended to group norm, instance norm,
   RMSNorm and weight standardization, checked numerically with the NumPy reference code;
-- ``batch_size_sweep``: Wu & He 2018, Fig. 1 at laptop scale: the small ConvNet on MNIST trained
-  at several batch sizes with BN, GN, GN+WS, LN, WS alone and WS+BN; eval accuracy per run;
+- ``batch_size_sweep``: Wu & He 2018, Fig. 1 at laptop scale: a ConvNet on 1x1 feature maps (so
+  that batch norm's statistics come from the batch size's worth of values), or the small ConvNet
+  on 28x28 images, trained on MNIST at several batch sizes with BN, GN, GN+WS, LN, WS alone and
+  WS+BN; eval accuracy per run;
 - ``rms_versus_layer_norm``: an MLP with RMSNorm against the same MLP with LayerNorm.
 
 Built on the shared runner (``normcourse.experiments.runner``: the tensors and the loop over
@@ -21,13 +23,15 @@ import torch
 
 from normcourse import reference
 from normcourse.experiments import runner
-from normcourse.models import convnet, mlp
+from normcourse.models import convnet, mlp, pointwise_convnet
 from normcourse.train import EvalOptions, evaluate, train
 from normcourse.utils import one_thread, seed_everything
+from normcourse.validation import check_choice
 
 __all__ = [
     "CONFIGS",
     "BATCH_SIZES",
+    "ARCHITECTURES",
     "mnist_tensors",
     "what_each_normalizes",
     "TRANSFORMS",
@@ -143,6 +147,15 @@ def invariance_table(seed: int = 0, scale: float = 3.0, shift: float = 0.7) -> d
 # ---------------------------------------------------------------------------------------------
 # Wu & He 2018, Fig. 1 at laptop scale
 # ---------------------------------------------------------------------------------------------
+# The networks of the sweep, by name: ``(widths, **CONFIGS[config]) -> model``. In "convnet" (the
+# chapter's small ConvNet, widths = channels) batch norm's m = N*H*W is at least 392 even at batch
+# 2; in "pointwise" (1x1 maps, widths = hidden sizes) it is N, the batch size itself.
+ARCHITECTURES = {
+    "pointwise": lambda widths, **kwargs: pointwise_convnet(sizes=(784, *widths, 10), **kwargs),
+    "convnet": lambda widths, **kwargs: convnet(channels=tuple(widths), **kwargs),
+}
+
+
 @one_thread()
 def batch_size_sweep(
     data,
@@ -150,21 +163,24 @@ def batch_size_sweep(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     seeds: Sequence[int] = (0,),
     *,
+    architecture: str = "pointwise",
+    widths: Sequence[int] = (64, 64),
     examples: int = 3200,
-    lr: float = 0.02,
+    lr: float = 0.1,
     reference_batch: int = 32,
-    channels: Sequence[int] = (8, 16),
     num_groups: int = 4,
     train_examples: int | None = None,
     test_examples: int | None = 1000,
 ) -> dict[tuple[str, int, int], float]:
-    """Train ``convnet(channels, **CONFIGS[config])`` at every batch size; eval accuracy per run.
+    """Train ``ARCHITECTURES[architecture](widths, **CONFIGS[config])`` at every batch size;
+    eval accuracy per run.
 
     Every run sees the same number of training ``examples`` (steps = examples // batch size) with
     SGD (momentum 0.9) and Wu & He's linear learning-rate scaling, lr * batch / reference_batch,
     so that the batch size is the only thing that changes. Evaluation in eval mode (BN with its
     running statistics). Returns ``{(config, batch_size, seed): test accuracy}``.
     """
+    check_choice(architecture, tuple(ARCHITECTURES), "architecture")
     tensors = mnist_tensors(data, train_examples, test_examples)
 
     def run(config, b, seed):
@@ -172,7 +188,7 @@ def batch_size_sweep(
         if kwargs.get("norm") == "group":
             kwargs.setdefault("num_groups", num_groups)
         seed_everything(seed)
-        model = convnet(channels=tuple(channels), **kwargs)
+        model = ARCHITECTURES[architecture](widths, **kwargs)
         steps = max(1, examples // b)
         train(model, tensors, steps=steps, batch_size=b, lr=lr * b / reference_batch,
               sgd_momentum=0.9, seed=seed, eval_every=steps, progress=False,
