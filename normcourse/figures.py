@@ -224,7 +224,9 @@ def normalization_axes(methods: Sequence[str] = ("batch", "layer"), *, shape=(4,
             axis.set_tick_params(length=0)
         ax.view_init(elev=22, azim=-58)
         ax.set_box_aspect(shape, zoom=0.9)
-        title = ax.set_title(NORMALIZATION_METHODS[method].replace(": ", ":\n"), fontsize=11)
+        # one line per phrase: four panels side by side leave each title about 2 inches
+        title = ax.set_title(NORMALIZATION_METHODS[method].replace(": ", ":\n")
+                             .replace(", ", ",\n"), fontsize=11)
         title.set_gid(f"method:{method}")
-    fig.subplots_adjust(left=0.0, right=1.0, bottom=0.0, top=0.84, wspace=0.0)
+    fig.subplots_adjust(left=0.0, right=1.0, bottom=0.0, top=0.78, wspace=0.0)
     return fig
