@@ -171,19 +171,22 @@ def execute_chapter(chapter: Chapter, settings: ExecutionSettings) -> Outcome:
     """Run one chapter in its own kernel, in its folder (or a temporary one), as myst-nb does."""
     from jupyter_cache.executors.utils import single_nb_execution
 
+    # ipykernel 7 warns on every start that its local TCP sockets are not encrypted (the kernel
+    # listens on 127.0.0.1 only); that line, once per chapter, would bury the build's messages.
+    quiet = {"extra_arguments": ["--IPKernelApp.log_level=ERROR"]}
     started, cpu_before = time.perf_counter(), _children_cpu_seconds()
     try:
         if settings.run_in_temp:
             with tempfile.TemporaryDirectory() as folder:
                 result = single_nb_execution(
                     chapter.notebook, cwd=folder, timeout=settings.timeout,
-                    allow_errors=settings.allow_errors, meta_override=True,
+                    allow_errors=settings.allow_errors, meta_override=True, **quiet,
                 )
         else:
             result = single_nb_execution(
                 chapter.notebook, cwd=str(chapter.path.parent.resolve()),
                 timeout=settings.timeout, allow_errors=settings.allow_errors,
-                meta_override=True,
+                meta_override=True, **quiet,
             )
     except Exception as error:  # the kernel died or would not start
         return Outcome(chapter.path, None, time.perf_counter() - started,
