@@ -72,13 +72,16 @@ def compare_norms(
     seed: int = 0,
     eval_every: int | None = None,
     test_examples: int | None = None,
+    prepare=None,
 ) -> dict[str, ClassifierResult]:
     """Train the ReLU MLP 784-100-100-100-10 with each norm on i.i.d. batches of ``batch_size``
     (Adam, ``lr``; batch renorm with ``renorm_schedule(steps)``); returns ``{norm: result}`` with
     eval-mode test accuracy (and, for batch norm, the accuracy with batch statistics of the
-    training batch size). The defaults are the paper's small-minibatch experiment."""
+    training batch size). The defaults are the paper's small-minibatch experiment.
+    ``prepare``: applied to every freshly built model (``RenormRecorder.attach``)."""
     return train_norms(mnist_tensors(data, test_examples), norms, steps=steps,
-                       batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every)
+                       batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                       prepare=prepare)
 
 
 def noniid_batches(labels, classes_per_batch: int, batch_size: int, seed: int,
@@ -256,8 +259,9 @@ def plot_renorm_trace(trace: dict[str, np.ndarray], layer: int = 1, smooth: int 
     ``smooth`` steps) with the limits; the fraction of channels clipped. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    def ma(v):
-        return np.convolve(v, np.ones(smooth) / smooth, mode="same")
+    def ma(v):  # moving average, the ends padded with their own values
+        padded = np.pad(v, (smooth // 2, smooth - 1 - smooth // 2), mode="edge")
+        return np.convolve(padded, np.ones(smooth) / smooth, mode="valid")
 
     step = trace["step"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
