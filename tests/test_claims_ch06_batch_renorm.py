@@ -116,3 +116,26 @@ def test_ch6_renorm_clipping_is_active_in_warmup_and_fades_after(runs):
               f"d clipped after warm-up + 100 steps {d_after:.3f}")
         assert late < 0.5 * relaxing, (seed, relaxing, late)
         assert d_after < 0.05, (seed, d_after)
+
+
+@pytest.mark.slow
+def test_ch6_same_label_pairs_do_not_hurt_batch_norm_here(runs):
+    # the paper's setup at MNIST scale: batches of 16 = 2 images of each of 8 random labels
+    pairs = [runs.pairs(s) for s in SEEDS]
+    control = [brx.noniid_test_control(p["batch"], runs.data, classes_per_batch=8, seed=s)
+               for p, s in zip(pairs, SEEDS)]
+    bn = [p["batch"].eval_accuracy for p in pairs]
+    halves = [p[brx.HALVES].eval_accuracy for p in pairs]
+    renorm = [p["renorm"].eval_accuracy for p in pairs]
+    report("pairs BN eval", bn)
+    report("pairs BN on halves eval", halves)
+    report("pairs renorm eval", renorm)
+    report("pairs control BN own statistics", [c["batch_stats"] for c in control])
+    report("pairs control BN population", [c["population"] for c in control])
+    assert min(bn) > 0.9
+    # batch norm is not behind batch renorm (the paper's large gap does not appear here)
+    assert all(b > r - 0.01 for b, r in zip(bn, renorm))
+    # and it gains nothing from the pairs' batch statistics: own statistics score below eval mode
+    assert all(c["batch_stats"] < c["population"] for c in control)
+    # normalizing halves of 8 costs accuracy against the whole batch of 16
+    assert all(h < b for h, b in zip(halves, bn))
