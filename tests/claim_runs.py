@@ -24,14 +24,33 @@ class ChapterRuns:
         self.data = tt.mnist_tensors(mnist)
         self._iid: dict[tuple, tt.ClassifierResult] = {}
         self._noniid: dict[tuple, tt.ClassifierResult] = {}
+        self._pairs: dict[int, dict[str, tt.ClassifierResult]] = {}
+        self.renorm_traces: dict[tuple, dict] = {}  # (batch_size, seed, steps) -> r, d trace
 
     def iid(self, norm: str, batch_size: int, seed: int, steps: int = STEPS) -> tt.ClassifierResult:
         """The MLP with ``norm`` trained on i.i.d. batches (Adam, learning rate 1e-3)."""
         key = (norm, batch_size, seed, steps)
         if key not in self._iid:
+            recorder = brx.RenormRecorder()  # records only batch renorm's r and d (chapter 6)
             self._iid[key] = brx.compare_norms(self.data, (norm,), batch_size=batch_size,
-                                               steps=steps, lr=1e-3, seed=seed)[norm]
+                                               steps=steps, lr=1e-3, seed=seed,
+                                               prepare=recorder.attach)[norm]
+            if norm == "renorm":
+                self.renorm_traces[batch_size, seed, steps] = recorder.trace()
         return self._iid[key]
+
+    def renorm_trace(self, batch_size: int, seed: int, steps: int = STEPS) -> dict:
+        """r and d at every step of the batch-renorm run ``iid("renorm", ...)`` (chapter 6)."""
+        self.iid("renorm", batch_size, seed, steps)
+        return self.renorm_traces[batch_size, seed, steps]
+
+    def pairs(self, seed: int) -> dict[str, tt.ClassifierResult]:
+        """Chapter 6's runs on batches of same-label pairs (8 labels x 2), with the halves control."""
+        if seed not in self._pairs:
+            self._pairs[seed] = brx.noniid_comparison(
+                self.data, ("batch", brx.HALVES, "renorm"), classes_per_batch=8, batch_size=16,
+                steps=STEPS, lr=3e-3, seed=seed)
+        return self._pairs[seed]
 
     def noniid(self, norm: str, seed: int) -> tt.ClassifierResult:
         """The MLP with ``norm`` trained on batches of two classes (chapter 6)."""

@@ -131,3 +131,39 @@ def test_bn_trains_from_init_scales_where_the_plain_net_fails(tensors, seed):
         assert acc["none", scale] < 0.25, (source, seed, scale, acc)         # chance is 0.1
         assert acc["batch", scale] > 0.85, (source, seed, scale, acc)
     assert acc["batch", 3.0] > 0.8 and acc["batch", 3.0] > acc["none", 3.0] + 0.15, (source, seed, acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 3: where eps takes over from the weight scale (one forward pass, no training)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", SEEDS)
+def test_eps_takes_over_below_weight_scale_0_01(tensors, seed):
+    source, data = tensors
+    variances = bt.init_preactivation_variance(data, (0.001, 0.01, 0.1, 1.0, 3.0), seed=seed)
+    for scale in (0.1, 1.0, 3.0):  # batch norm restores unit variance in every layer
+        assert variances[scale]["post"].min() > 0.99, (source, seed, scale, variances[scale])
+    assert variances[0.01]["post"].min() > 0.95, (source, seed, variances[0.01])
+    tiny = variances[0.001]
+    # chapter: layers 2 and 3 get an input variance below eps = 1e-5, and their normalized
+    # outputs a variance far below 1; layer 1 (raw pixels) keeps more
+    assert tiny["pre"][1:].max() < 1e-5 and tiny["post"][1:].max() < 0.5, (source, seed, tiny)
+    assert tiny["post"][0] > tiny["post"][1:].max(), (source, seed, tiny)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 3: with Adam at a rate that suits the plain network, batch norm gains nothing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_with_adam_batch_norm_is_behind_at_step_500_and_needed_at_a_raised_rate(tensors, seed):
+    source, data = tensors
+    runs = bt.lr_sweep(data, (0.01, 0.1), seed=seed, steps=1000, optimizer="adam",
+                       eval_every=250)
+    acc = {key: h.test_accuracy for key, h in runs.items()}
+    print(f"{source}, seed {seed}: " + "; ".join(f"{k}: {v}" for k, v in acc.items()))
+    at_500 = {key: h.test_accuracy[h.steps.index(500)] for key, h in runs.items()}
+    assert at_500["batch", 0.01] < at_500["none", 0.01], (source, seed, acc)
+    final = {key: bt.final_test_accuracy(h) for key, h in runs.items()}
+    assert abs(final["batch", 0.01] - final["none", 0.01]) < 0.015, (source, seed, final)
+    assert not final["none", 0.1] >= 0.15, (source, seed, final)          # chance is 0.1
+    assert final["batch", 0.1] > 0.9, (source, seed, final)

@@ -100,6 +100,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         (
             "what scale invariance does to the weight gradients as the weights grow",
             "two batch-norm causes of a high accuracy on training batches but a low one in eval",
+            "prediction and result of the learning-rate sweep experiment",
         ),
     ),
     Chapter(
@@ -115,6 +116,8 @@ CHAPTERS: tuple[Chapter, ...] = (
         (
             "translating Keras' momentum=0.99 into PyTorch's momentum=0.1 convention",
             "why the running variance is unbiased but the batch is normalized with the biased one",
+            "prediction and result of the batch-size experiment (eval mode against batch "
+            "statistics)",
         ),
     ),
     Chapter(
@@ -147,6 +150,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         (
             "why r and d are constants in the backward pass",
             "what batch renorm is with rmax = 1 and dmax = 0, and why the schedule starts there",
+            "prediction and result of the non-i.i.d. experiment, and why a short run differs",
         ),
     ),
     Chapter(

@@ -12,10 +12,12 @@ learning rate 0.5 and PyTorch's default initialization unless a function says ot
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from normcourse import reference
 from normcourse.experiments.runner import (
@@ -23,6 +25,7 @@ from normcourse.experiments.runner import (
 )
 from normcourse.gradcheck import rel_error
 from normcourse.train import ActivationProbe, History, train
+from normcourse.utils import one_thread
 from normcourse.validation import check_choice
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "init_scale_sweep",
     "scale_invariance",
     "init_preactivation_variance",
+    "time_per_step",
+    "IMAGENET_RESULTS",
 ]
 
 PAPER_SIZES = MLP_SIZES  # 784-100-100-100-10
@@ -55,11 +60,13 @@ def train_mlp(
     init_scale: float | None = None,
     norm_position: str = "before",
     probe: bool = False,
+    optimizer: str = "sgd",
 ) -> History:
     """Build the paper's MLP (seeded by ``seed``) and train it with SGD on ``tensors``.
 
     norm: ``"none"`` or ``"batch"`` (``normcourse.nn.BatchNorm1d``; any ``models.NORMS`` works).
     eval_every: None evaluates once, after the last step.
+    optimizer: ``"sgd"`` (the chapter's default, no momentum) or ``"adam"``.
     probe: record the 15th/50th/85th percentiles of the input to one sigmoid of the last hidden
         layer (unit 0 of ``model.act3``) over the test set at every evaluation, into
         ``history.probe_values[0]`` (the paper's Fig. 1(b, c)).
@@ -69,7 +76,7 @@ def train_mlp(
                         norm_position=norm_position, init_scale=init_scale)
     probes = [ActivationProbe(model.act3, unit=0, percentiles=(15, 50, 85))] if probe else []
     try:
-        return train(model, tensors, steps=steps, batch_size=BATCH_SIZE, lr=lr, optimizer="sgd",
+        return train(model, tensors, steps=steps, batch_size=BATCH_SIZE, lr=lr, optimizer=optimizer,
                      seed=seed, eval_every=eval_every or steps, probes=probes, progress=False)
     finally:
         for p in probes:
@@ -129,10 +136,13 @@ def lr_sweep(
     seed: int = 0,
     steps: int = 1000,
     norms: Sequence[str] = ("none", "batch"),
+    optimizer: str = "sgd",
+    eval_every: int | None = None,
 ) -> dict[tuple[str, float], History]:
     """Train the MLP at each learning rate, with each norm. Returns {(norm, lr): History}."""
     runs = [((norm, lr), {"norm": norm, "lr": lr}) for norm in norms for lr in lrs]
-    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, **kw), runs,
+    return sweep(lambda **kw: train_mlp(tensors, seed=seed, steps=steps, optimizer=optimizer,
+                                        eval_every=eval_every, **kw), runs,
                  "norm, learning rate")
 
 
@@ -229,3 +239,50 @@ def init_preactivation_variance(
                          for v, layer in zip(inputs, layers)])
         results[scale] = {"pre": pre, "post": post}
     return results
+
+
+# The BN paper's ImageNet results (Sec. 4.2, Inception, batch 32): steps to reach Inception's
+# best accuracy, 72.2% (None: never reached), and each network's best accuracy.
+IMAGENET_RESULTS = {
+    "Inception": (31.0e6, 0.722),
+    "BN-Baseline": (13.3e6, 0.727),
+    "BN-x5": (2.1e6, 0.730),
+    "BN-x30": (2.7e6, 0.748),
+    "BN-x5-Sigmoid": (None, 0.698),
+}
+
+
+@one_thread()
+def time_per_step(
+    tensors: tuple[torch.Tensor, ...],
+    norms: Sequence[str] = ("none", "batch", "torch_batch"),
+    *,
+    seed: int = 0,
+    steps: int = 50,
+    rounds: int = 7,
+) -> dict[str, float]:
+    """Seconds per SGD step (forward, backward, update) of the chapter's network, batch 60.
+
+    Every network trains on the same ``steps`` batches in each of ``rounds`` rounds, the
+    networks taking turns within a round (so that a burst of load elsewhere hits all of them);
+    returns ``{norm: fastest round's time / steps}``, the usual benchmark estimate (other load
+    only ever adds time). ``"batch"`` is ``normcourse.nn.BatchNorm1d`` (an autograd Function
+    written in Python), ``"torch_batch"`` is ``torch.nn.BatchNorm1d`` (a C++ kernel).
+    """
+    x, y = tensors[0], tensors[1]
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(len(x), (BATCH_SIZE,), generator=generator) for _ in range(steps)]
+    models = {norm: build_model(norm, seed=seed, sizes=PAPER_SIZES, activation="sigmoid").train()
+              for norm in norms}
+    optimizers = {norm: torch.optim.SGD(m.parameters(), lr=DEFAULT_LR) for norm, m in models.items()}
+    fastest = dict.fromkeys(norms, float("inf"))
+    for _ in range(rounds):
+        for norm, model in models.items():
+            tic = time.perf_counter()
+            for index in batches:
+                loss = F.cross_entropy(model(x[index]), y[index])
+                optimizers[norm].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[norm].step()
+            fastest[norm] = min(fastest[norm], (time.perf_counter() - tic) / steps)
+    return fastest

@@ -155,18 +155,23 @@ def train_classifier(
     renorm_kwargs: dict | None = None,
     eval_every: int | None = None,
     test_examples: int | None = None,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
 ) -> ClassifierResult:
     """Train an MLP (or the small ConvNet) with ``norm``; measure its test accuracy both ways.
 
     data: an ``MNIST`` or the tuple ``mnist_tensors`` returns. ``sampler`` yields index arrays
     into the training set (default: i.i.d. batches); pass ``normcourse.data.class_subset_batches``
     for non-i.i.d. batches. ``eval_every``: steps between the points of the recorded curves
-    (default: only at the end). Deterministic given ``seed``: the same numbers in any process,
+    (default: only at the end). ``prepare``: applied to the freshly built (seeded) model before
+    training, e.g. to attach recording hooks or wrap layers; returns the model to train.
+    Deterministic given ``seed``: the same numbers in any process,
     whatever ran before (the seeds are set here and the run is single-threaded).
     """
     tensors = mnist_tensors(data, test_examples)
     model = build_model(norm, architecture=architecture, seed=seed, sizes=sizes,
                         activation=activation, renorm_kwargs=renorm_kwargs)
+    if prepare is not None:
+        model = prepare(model)
     history = train(
         model, tensors, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
         seed=seed, eval_every=eval_every or steps, sampler=sampler, progress=False,

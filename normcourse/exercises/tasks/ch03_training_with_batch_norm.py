@@ -1,4 +1,5 @@
-"""Chapter 3, training with batch norm: a Linear-BN-sigmoid block, train/eval mode, freezing BN.
+"""Chapter 3, training with batch norm: a Linear-BN-sigmoid block, train/eval mode, freezing BN,
+and an experiment (a learning-rate sweep with and without batch norm).
 
 These tasks take and return PyTorch modules. The compared "outputs" are what a training loop
 cares about (the loss, the parameters and running statistics after a step, the modules' modes),
@@ -17,6 +18,8 @@ from torch import nn
 
 from normcourse import nn as ncnn
 from normcourse.exercises.diagnosis import AnswerProblem, Case, Mistake, OutputTask, Task
+from normcourse.exercises.tasks._runs import as_array, small_mnist, trained
+from normcourse.train import train
 
 BATCH_NORMS = (nn.BatchNorm1d, ncnn.BatchNorm1d)
 
@@ -413,4 +416,49 @@ FREEZE_BATCHNORM = OutputTask(
     ),
 )
 
-TASKS = (LINEAR_BN_SIGMOID, TRAIN_STEP, EVALUATE, FREEZE_BATCHNORM)
+# ---- 03.lr_sweep_accuracy (an experiment) ---------------------------------------------------
+def _sweep(data, lrs, steps, seed, *, measure="test", norms=("none", "batch"), one_model=False):
+    rows = []
+    for norm in norms:
+        row = []
+        for lr in lrs:
+            if one_model and row:  # keeps training the first learning rate's model
+                model, _ = previous
+                history = train(model, data, steps=steps, batch_size=60, lr=lr, optimizer="sgd",
+                                seed=seed, eval_every=steps, progress=False)
+            else:
+                model, history = trained(data, norm=norm, activation="sigmoid", steps=steps,
+                                         batch_size=60, lr=lr, optimizer="sgd", seed=seed)
+            previous = (model, history)
+            row.append(history.test_accuracy[-1] if measure == "test" else history.train_accuracy[-1])
+        rows.append(row)
+    return as_array(rows)
+
+
+def _sweep_correct(data, lrs, steps, seed):
+    return _sweep(data, lrs, steps, seed)
+
+
+LR_SWEEP_ACCURACY = OutputTask(
+    id="03.lr_sweep_accuracy",
+    title="experiment: a learning-rate sweep with and without batch norm",
+    function="lr_sweep_accuracy",
+    points=2,
+    correct=_sweep_correct,
+    outputs=("accuracy",),
+    cases=(Case("1,000 training and 500 test images, lrs (0.5, 16), 100 steps, seed 0",
+                lambda: {"data": small_mnist(), "lrs": (0.5, 16.0), "steps": 100, "seed": 0}),),
+    mistakes=(
+        Mistake("train_accuracy", "You returned the accuracy on training images "
+                "(history.train_accuracy); the sweep compares test accuracy "
+                "(history.test_accuracy[-1], or bt.final_test_accuracy).",
+                lambda data, lrs, steps, seed: _sweep(data, lrs, steps, seed, measure="train")),
+        Mistake("rows_swapped", "Row 0 is the network without batch norm, row 1 the one with it.",
+                lambda data, lrs, steps, seed: _sweep_correct(data, lrs, steps, seed)[::-1]),
+        Mistake("one_model", "Every learning rate needs a fresh network (bt.train_mlp builds one "
+                "from the seed); you kept training the same one.",
+                lambda data, lrs, steps, seed: _sweep(data, lrs, steps, seed, one_model=True)),
+    ),
+)
+
+TASKS = (LINEAR_BN_SIGMOID, TRAIN_STEP, EVALUATE, FREEZE_BATCHNORM, LR_SWEEP_ACCURACY)

@@ -1,4 +1,5 @@
-"""Chapter 4, test-time statistics: running averages, train versus eval mode, folding BN away."""
+"""Chapter 4, test-time statistics: running averages, train versus eval mode, folding BN away,
+and an experiment (the batch-vs-population gap at two batch sizes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 from normcourse import reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, features, rng
+from normcourse.exercises.tasks._runs import accuracies, as_array, small_mnist, trained
 from normcourse.exercises.tasks._variants import rebinding_message
 
 EPS = 1e-5
@@ -264,4 +266,44 @@ FOLD_BATCHNORM_INTO_LINEAR = OutputTask(
     ),
 )
 
-TASKS = (UPDATE_RUNNING_STATS, BATCHNORM_FORWARD, FOLD_BATCHNORM_INTO_LINEAR)
+# ---- 04.batch_size_gap (an experiment) ------------------------------------------------------
+def _gap(data, batch_sizes, steps, seed, *, optimizer="adam", lr=1e-3, stats_batch=None):
+    rows = []
+    for batch_size in batch_sizes:
+        model, _ = trained(data, norm="batch", activation="relu", steps=steps,
+                           batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
+        rows.append(accuracies(model, data, stats_batch or batch_size))
+    return as_array(rows)
+
+
+def _gap_correct(data, batch_sizes, steps, seed):
+    return _gap(data, batch_sizes, steps, seed)
+
+
+BATCH_SIZE_GAP = OutputTask(
+    id="04.batch_size_gap",
+    title="experiment: eval mode against batch statistics at two batch sizes",
+    function="batch_size_gap",
+    points=2,
+    correct=_gap_correct,
+    outputs=("accuracy",),
+    cases=(Case("1,000 training and 500 test images, batch sizes (4, 64), 150 steps, seed 0",
+                lambda: {"data": small_mnist(), "batch_sizes": (4, 64), "steps": 150,
+                         "seed": 0}),),
+    mistakes=(
+        Mistake("columns_swapped", "Column 0 is the eval-mode accuracy, column 1 the accuracy "
+                "with batch statistics.",
+                lambda data, batch_sizes, steps, seed: _gap_correct(
+                    data, batch_sizes, steps, seed)[:, ::-1]),
+        Mistake("stats_batch_128", "The batch statistics come from test batches of the training "
+                "batch size (what the network saw while training), not from batches of 128.",
+                lambda data, batch_sizes, steps, seed: _gap(data, batch_sizes, steps, seed,
+                                                            stats_batch=128)),
+        Mistake("sgd", "The chapter's experiment trains with Adam at learning rate 1e-3, not "
+                "with SGD.",
+                lambda data, batch_sizes, steps, seed: _gap(data, batch_sizes, steps, seed,
+                                                            optimizer="sgd")),
+    ),
+)
+
+TASKS = (UPDATE_RUNNING_STATS, BATCHNORM_FORWARD, FOLD_BATCHNORM_INTO_LINEAR, BATCH_SIZE_GAP)

@@ -1,4 +1,5 @@
-"""Chapter 6, batch renormalization: r and d, the forward and backward passes, the schedule."""
+"""Chapter 6, batch renormalization: r and d, the forward and backward passes, the schedule, and an
+experiment (batch norm against batch renorm on batches of two classes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from normcourse import functional, reference
 from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 from normcourse.exercises.tasks._inputs import affine, features, rng
+from normcourse.exercises.tasks._runs import accuracies, as_array, small_mnist, trained
 from normcourse.exercises.tasks._variants import rebinding_message
+from normcourse.data import class_subset_batches
 from normcourse.gradcheck import random_upstream
 
 EPS = 1e-5
@@ -294,4 +297,41 @@ RENORM_LIMITS = OutputTask(
     ),
 )
 
-TASKS = (RENORM_R_D, BATCH_RENORM_FORWARD, BATCH_RENORM_BACKWARD, RENORM_LIMITS)
+# ---- 06.noniid_accuracy (an experiment) -----------------------------------------------------
+def _noniid(data, norms, steps, seed, *, iid=False, measure="eval"):
+    values = []
+    for norm in norms:
+        sampler = None if iid else class_subset_batches(data[1].numpy(), 2, 32, seed=seed)
+        model, _ = trained(data, norm=norm, activation="relu", steps=steps, batch_size=32,
+                           lr=3e-3, optimizer="adam", seed=seed, sampler=sampler)
+        eval_mode, batch_stats = accuracies(model, data, 32)
+        values.append(eval_mode if measure == "eval" else batch_stats)
+    return as_array(values)
+
+
+def _noniid_correct(data, norms, steps, seed):
+    return _noniid(data, norms, steps, seed)
+
+
+NONIID_ACCURACY = OutputTask(
+    id="06.noniid_accuracy",
+    title="experiment: batch norm and batch renorm trained on batches of two classes",
+    function="noniid_accuracy",
+    points=2,
+    correct=_noniid_correct,
+    outputs=("accuracy",),
+    cases=(Case("1,000 training and 500 test images, norms (batch, renorm), 200 steps, seed 0",
+                lambda: {"data": small_mnist(), "norms": ("batch", "renorm"), "steps": 200,
+                         "seed": 0}),),
+    mistakes=(
+        Mistake("batch_statistics", "You returned the accuracy with batch statistics; the "
+                "question is about the deployed network: eval mode (r.eval_accuracy).",
+                lambda data, norms, steps, seed: _noniid(data, norms, steps, seed,
+                                                         measure="batch")),
+        Mistake("iid_batches", "You trained on ordinary (i.i.d.) batches; the experiment draws "
+                "every batch of 32 from 2 classes (brx.noniid_comparison does).",
+                lambda data, norms, steps, seed: _noniid(data, norms, steps, seed, iid=True)),
+    ),
+)
+
+TASKS = (RENORM_R_D, BATCH_RENORM_FORWARD, BATCH_RENORM_BACKWARD, RENORM_LIMITS, NONIID_ACCURACY)
