@@ -247,7 +247,11 @@ def test_the_disk_limit_holds_for_many_files_under_the_file_size_limit(graded):
 
 @pytest.mark.parametrize("tmpfs", [True, False], ids=["tmpfs", "watchdog"])
 def test_the_disk_limit_kills_the_writer_and_empties_the_folder(tmpfs):
-    code = ("for i in range(200):\n    open(f'f{i}', 'wb').write(b'0' * 2**20)\n"
+    # A disk filler keeps writing. 200 MiB of files is more than a full tmpfs takes; without one,
+    # a quiet machine writes 200 MiB within one DISK_POLL round, before the watchdog looks, so
+    # that writer goes on up to 1000 MiB (it is killed long before: see the peak below).
+    files = 200 if tmpfs else 1000
+    code = (f"for i in range({files}):\n    open(f'f{{i}}', 'wb').write(b'0' * 2**20)\n"
             "print('wrote them all', flush=True)")
     with Sandbox(Limits(disk_mb=20), tmpfs=tmpfs) as sandbox:
         if tmpfs and not sandbox.tmpfs:
