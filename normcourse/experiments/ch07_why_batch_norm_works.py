@@ -70,9 +70,8 @@ PROBE = {"mlp": ("fc3.weight", "act3"), "convnet": ("conv2.weight", "act2")}
 
 
 def mnist_tensors(data, train_examples: int | None = None, test_examples: int | None = 1000):
-    """``runner.mnist_tensors`` with the training set cut to its first ``train_examples``."""
-    x_train, y_train, x_test, y_test = runner.mnist_tensors(data, test_examples)
-    return x_train[:train_examples], y_train[:train_examples], x_test, y_test
+    """``runner.mnist_tensors`` with this chapter's default of 1,000 test examples."""
+    return runner.mnist_tensors(data, test_examples, train_examples)
 
 
 # ---------------------------------------------------------------------------------------------

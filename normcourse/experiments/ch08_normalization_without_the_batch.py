@@ -57,10 +57,8 @@ CONFIGS: dict[str, dict] = {
 
 
 def mnist_tensors(data, train_examples: int | None = None, test_examples: int | None = None):
-    """``runner.mnist_tensors`` (images (N, 1, 28, 28) in [0, 1]; a tuple of tensors passes
-    through), with the training set also cut to its first ``train_examples``."""
-    x_train, y_train, x_test, y_test = runner.mnist_tensors(data, test_examples)
-    return x_train[:train_examples], y_train[:train_examples], x_test, y_test
+    """``runner.mnist_tensors`` with the training examples first among the arguments."""
+    return runner.mnist_tensors(data, test_examples, train_examples)
 
 
 # ---------------------------------------------------------------------------------------------

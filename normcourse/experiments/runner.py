@@ -64,13 +64,14 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def mnist_tensors(data, test_examples: int | None = None) -> tuple[torch.Tensor, ...]:
+def mnist_tensors(data, test_examples: int | None = None,
+                  train_examples: int | None = None) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test) from an ``MNIST``: images (N, 1, 28, 28) in [0, 1].
 
     Converted once, so that the many runs of a sweep do not convert the images again each time.
-    ``test_examples`` keeps only the first test examples (to save time). A tuple of four
-    tensors is passed through (cut the same way). The MLPs of ``normcourse.models`` flatten
-    the images themselves.
+    ``test_examples`` and ``train_examples`` keep only the first test or training examples (to
+    save time). A tuple of four tensors is passed through (cut the same way). The MLPs of
+    ``normcourse.models`` flatten the images themselves.
     """
     if isinstance(data, MNIST):
         x_train, y_train = to_tensors(data.train_images, data.train_labels, flatten=False)
@@ -79,6 +80,8 @@ def mnist_tensors(data, test_examples: int | None = None) -> tuple[torch.Tensor,
         x_train, y_train, x_test, y_test = data
     if test_examples is not None:
         x_test, y_test = x_test[:test_examples], y_test[:test_examples]
+    if train_examples is not None:
+        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
     return x_train, y_train, x_test, y_test
 
 
