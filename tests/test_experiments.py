@@ -12,7 +12,7 @@ from normcourse.experiments import ch03_training_with_batch_norm as bt
 from normcourse.experiments import ch04_test_time_statistics as tt
 from normcourse.experiments import runner
 from normcourse.models import mlp
-from normcourse.nn import BatchRenorm1d
+from normcourse.nn import BatchRenorm1d, renorm_schedule
 from normcourse.utils import restoring_modes, seed_everything
 
 torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def test_train_norms_wires_the_scaled_renorm_schedule_and_fresh_samplers():
                                  seed=0, sampler_for=sampler_for)
     assert list(results) == ["renorm", "layer"] and len(made) == 2
     renorm = [m for m in results["renorm"].model.modules() if isinstance(m, BatchRenorm1d)]
-    schedule = runner.renorm_schedule(3)
+    schedule = renorm_schedule(3)
     assert renorm and all((m.warmup_steps, m.rmax_steps, m.dmax_steps) ==
                           (schedule["warmup_steps"], schedule["rmax_steps"], schedule["dmax_steps"])
                           for m in renorm)

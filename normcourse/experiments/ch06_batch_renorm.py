@@ -16,9 +16,9 @@ Two experiments of the paper, shrunk to an MLP on MNIST and a few thousand steps
 
 The paper relaxes ``rmax``/``dmax`` after 5,000 steps and reaches its final limits at 25,000
 (``dmax``) and 40,000 (``rmax``) steps. Our runs are a few thousand steps long, so
-``runner.renorm_schedule`` scales those three step counts by ``steps / REFERENCE_RUN_STEPS``: the
-schedule keeps its shape and ends (``rmax`` reached) at 80% of the run. The 50,000-step reference
-is our choice, not a number from the paper.
+``normcourse.nn.renorm_schedule`` scales those three step counts by
+``steps / REFERENCE_RUN_STEPS``: the schedule keeps its shape and ends (``rmax`` reached) at 80%
+of the run. The 50,000-step reference is our choice, not a number from the paper.
 """
 
 from __future__ import annotations
@@ -33,19 +33,22 @@ from torch import nn
 from normcourse.data import class_subset_batches
 from normcourse.experiments.runner import (
     BATCHNORM_TYPES,
-    PAPER_SCHEDULE,
-    REFERENCE_RUN_STEPS,
     ClassifierResult,
     mnist_tensors,
-    renorm_schedule,
     train_classifier,
     train_norms,
 )
-from normcourse.nn import BatchRenorm1d, BatchRenorm2d
+from normcourse.nn import (
+    PAPER_SCHEDULE,
+    REFERENCE_RUN_STEPS,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    renorm_schedule,
+)
 from normcourse.train import evaluate, evaluate_with_batch_statistics
 
 __all__ = [
-    "PAPER_SCHEDULE",  # the schedule's constants and function live in the runner; re-exported
+    "PAPER_SCHEDULE",  # the schedule's constants and function live in normcourse.nn; re-exported
     "REFERENCE_RUN_STEPS",  # because the chapter shows them as ``brx.renorm_schedule(...)``
     "renorm_schedule",
     "compare_norms",

@@ -9,8 +9,8 @@ chapters share:
 - ``build_model``: a seeded MLP or ConvNet from ``normcourse.models``;
 - ``train_classifier`` and its record ``ClassifierResult``: train a classifier, then measure
   its test accuracy in eval mode and with batch statistics;
-- ``renorm_schedule`` and ``train_norms``: batch renorm's ``rmax``/``dmax`` schedule scaled to
-  the run, wired in for ``norm="renorm"``;
+- ``train_norms``: one classifier per norm, batch renorm with its ``rmax``/``dmax`` schedule
+  scaled to the run (``normcourse.nn.renorm_schedule``);
 - ``sweep``: run one function over a list of settings and collect the results (the one loop
   over the runs of an experiment, where a progress bar over runs belongs).
 """
@@ -40,9 +40,6 @@ __all__ = [
     "mnist_tensors",
     "build_model",
     "train_classifier",
-    "PAPER_SCHEDULE",
-    "REFERENCE_RUN_STEPS",
-    "renorm_schedule",
     "train_norms",
     "sweep",
 ]
@@ -188,25 +185,8 @@ def train_classifier(
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch renorm's schedule, scaled to the run
+# Training one model per norm
 # ---------------------------------------------------------------------------------------------
-# The paper's schedule (warm-up, dmax reached, rmax reached), and the run length we map it onto
-# (our choice: rmax then reaches its final value at 80% of a run).
-PAPER_SCHEDULE = {"warmup_steps": 5000, "dmax_steps": 25000, "rmax_steps": 40000}
-REFERENCE_RUN_STEPS = 50000
-
-
-def renorm_schedule(steps: int, rmax: float = 3.0, dmax: float = 5.0) -> dict:
-    """``BatchRenorm1d`` keyword arguments with the paper's schedule scaled to ``steps``.
-
-    Each step count becomes ``round(count * steps / REFERENCE_RUN_STEPS)`` (at least 1): for
-    2,000 steps, warm-up 200, dmax at 1,000, rmax at 1,600.
-    """
-    scale = steps / REFERENCE_RUN_STEPS
-    scaled = {name: max(1, round(count * scale)) for name, count in PAPER_SCHEDULE.items()}
-    return {"rmax": rmax, "dmax": dmax, **scaled}
-
-
 def train_norms(
     data,
     norms: Sequence[str],
@@ -217,11 +197,12 @@ def train_norms(
 ) -> dict[str, ClassifierResult]:
     """``train_classifier`` once per norm with the same ``settings``; ``{norm: result}``.
 
-    Batch renorm gets ``renorm_schedule(steps)``. ``sampler_for``: called before each run for
-    a fresh batch sampler (a sampler is an iterator, used up by one run); default i.i.d.
+    Batch renorm gets ``normcourse.nn.renorm_schedule(steps)``. ``sampler_for``: called before
+    each run for a fresh batch sampler (a sampler is an iterator, used up by one run); default
+    i.i.d.
     """
     def run(norm: str) -> ClassifierResult:
-        renorm_kwargs = renorm_schedule(steps) if norm == "renorm" else None
+        renorm_kwargs = ncnn.renorm_schedule(steps) if norm == "renorm" else None
         sampler = sampler_for() if sampler_for is not None else None
         return train_classifier(data, norm=norm, steps=steps, renorm_kwargs=renorm_kwargs,
                                 sampler=sampler, **settings)

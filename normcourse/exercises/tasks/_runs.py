@@ -16,14 +16,11 @@ import torch
 
 from normcourse import models
 from normcourse.data import load_mnist, to_tensors
+from normcourse.nn import renorm_schedule  # the schedule chapter 6 uses, scaled to the run
 from normcourse.train import evaluate, evaluate_with_batch_statistics, train
 from normcourse.utils import seed_everything
 
 SIZES = (784, 100, 100, 100, 10)
-# the batch renorm paper's schedule (warm-up, dmax reached, rmax reached), mapped onto 50,000
-# steps and scaled to the run, as chapter 6 does
-PAPER_SCHEDULE = {"warmup_steps": 5000, "dmax_steps": 25000, "rmax_steps": 40000}
-REFERENCE_RUN_STEPS = 50000
 
 
 @lru_cache(maxsize=1)
@@ -38,12 +35,6 @@ def small_mnist(train_examples: int = 1000, test_examples: int = 500) -> tuple[t
     x_train, y_train, x_test, y_test = _embedded()
     return (x_train[:train_examples].clone(), y_train[:train_examples].clone(),
             x_test[:test_examples].clone(), y_test[:test_examples].clone())
-
-
-def renorm_schedule(steps: int) -> dict:
-    scale = steps / REFERENCE_RUN_STEPS
-    return {"rmax": 3.0, "dmax": 5.0,
-            **{k: max(1, round(v * scale)) for k, v in PAPER_SCHEDULE.items()}}
 
 
 def trained(data, *, norm: str, activation: str, steps: int, batch_size: int, lr: float,
