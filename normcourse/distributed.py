@@ -5,13 +5,19 @@ Launch it with torchrun, one process per worker (gloo on CPUs, nccl with one pro
     torchrun --nnodes 1 --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29500 \\
         -m normcourse.distributed --model convnet --norm sync --steps 200 --batch-size 64
 
+The device follows the backend: with ``--backend gloo`` every worker trains on the CPU; with
+``--backend nccl`` (the default where CUDA is available) worker ``LOCAL_RANK`` trains on
+``cuda:LOCAL_RANK`` (torchrun sets LOCAL_RANK; ``--nproc-per-node`` at most the GPUs of a
+machine), and its model and data live there.
+
 ``--batch-size`` is the *global* batch: each of the k workers takes its 1/k slice of every batch,
 computes the loss on it, and DDP averages the gradients, so every worker holds the same weights.
 ``--norm batch`` normalizes with each worker's statistics, ``--norm sync`` converts the model's
 batch norm layers to ``normcourse.nn.SyncBatchNorm`` (statistics of the whole global batch).
-Without torchrun's environment (RANK, WORLD_SIZE, ...) it trains in this one process. Rank 0
-prints one line of JSON with the result. The notebook cells call ``train_data_parallel`` through
-``normcourse.launch.run_workers`` instead of torchrun; it is the same loop.
+Without torchrun's environment (RANK, WORLD_SIZE, ...) it trains in this one process, on the
+CPU. Rank 0 prints one line of JSON with the result. The notebook cells call
+``train_data_parallel`` through ``normcourse.launch.run_workers`` instead of torchrun; it is the
+same loop (``run_workers(..., backend="nccl")`` puts worker ``rank`` on ``cuda:rank``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from normcourse.data import iid_batches, load_mnist, to_tensors
 from normcourse.sync_batch_norm import SyncBatchNorm, world_size
 from normcourse.train import evaluate
 from normcourse.utils import seed_everything
-from normcourse.validation import check_choice
+from normcourse.validation import BACKENDS, check_backend, check_choice
 
 __all__ = ["DEFAULTS", "train_data_parallel", "main"]
 
@@ -55,8 +61,10 @@ def _build_model(config: dict, device: torch.device) -> torch.nn.Module:
 
 
 def _device() -> torch.device:
+    """This worker's device: its GPU under nccl (made current before the group was joined, by
+    ``main`` from LOCAL_RANK or by ``launch.run_workers`` from the rank), else the CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -66,8 +74,8 @@ def train_data_parallel(rank: int, num_workers: int, config: dict | None = None)
     Every worker draws the same global batches (same seed) and takes its contiguous slice.
     ``config``: keys of ``DEFAULTS`` (``dtype`` "float64" makes runs comparable to rounding).
     Returns {"test_accuracy", "losses" (this worker's), "seconds_per_step", "checksum" (sum of
-    all weights: equal on every worker), "weights" (all of them, flattened), "world_size",
-    "config"}.
+    all weights: equal on every worker), "weights" (all of them, flattened, on the CPU),
+    "device" (where this worker trained, e.g. "cuda:1"), "world_size", "config"}.
     """
     config = {**DEFAULTS, **(config or {})}
     device = _device()
@@ -101,6 +109,7 @@ def train_data_parallel(rank: int, num_workers: int, config: dict | None = None)
         "seconds_per_step": seconds_per_step,
         "checksum": float(sum(p.detach().double().sum() for p in plain.parameters())),
         "weights": torch.cat([p.detach().flatten().cpu() for p in plain.parameters()]),
+        "device": str(device),
         "world_size": num_workers,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
     }
@@ -116,8 +125,11 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--data", choices=("auto", "full", "embedded"), default="auto")
-    parser.add_argument("--backend", choices=("gloo", "nccl"),
-                        default="nccl" if torch.cuda.is_available() else "gloo")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=DEFAULTS["dtype"],
+                        help="float64 makes runs comparable to rounding (tests)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        default="nccl" if torch.cuda.is_available() else "gloo",
+                        help="gloo: CPU workers; nccl: one process per GPU (default with CUDA)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds any collective may wait for the other workers")
     return parser.parse_args(argv)
@@ -128,16 +140,23 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
+        # torchrun's processes on this machine: nccl needs a GPU for each
+        check_backend(args.backend, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                      "normcourse.distributed")
+        if args.backend == "nccl":
+            # before joining: the group's collectives, DDP and _device() use the current GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(args.backend, timeout=timedelta(seconds=args.timeout))
     rank, k = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = {"model": args.model, "norm": args.norm, "steps": args.steps,
-              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "data": args.data}
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "data": args.data,
+              "dtype": args.dtype}
     try:
         result = train_data_parallel(rank, k, config)
-        if distributed:  # every worker's checksum, to show that DDP kept them identical
-            checksums = [None] * k
-            dist.all_gather_object(checksums, result["checksum"])
-            result["checksums"] = checksums
+        if distributed:  # every worker's checksum (DDP keeps them identical) and device
+            workers = [None] * k
+            dist.all_gather_object(workers, (result["checksum"], result["device"]))
+            result["checksums"], result["devices"] = map(list, zip(*workers))
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -7,7 +7,13 @@ on the concatenated batch. That costs one collective in the forward pass (the pe
 statistics) and one in the backward pass (two per-channel gradient sums).
 
 It works with any ``torch.distributed`` backend: gloo on CPUs (torch's own ``SyncBatchNorm``
-refuses CPU tensors in a multi-process group) and nccl on GPUs; nothing here names a device.
+refuses CPU tensors in a multi-process group) or on CUDA tensors, and nccl on GPUs (one process
+per GPU). Nothing here names a device: every tensor a collective sees is built from the input
+(``torch.cat`` of its statistics, ``empty_like`` for the gathered parts), so it has the input's
+device and dtype, and it has the same size (C or 2C + 1 numbers) on every worker whatever the
+slice sizes, as nccl's all_gather requires. The counts travel with the statistics as
+floating-point numbers: exact up to 2^24 values per channel in float32 (float16/bfloat16 input
+is promoted to float32 first), beyond that off by float32 rounding, as the sums are anyway.
 
 Two ways to combine the workers' statistics (``statistics=``):
 
@@ -38,6 +44,7 @@ from normcourse.functional import (BatchNormFunction, NotScriptable,
 from normcourse.validation import (
     check_channel_input,
     check_choice,
+    check_collective_device,
     check_global_batch_statistics,
     check_same_dtype,
 )
@@ -146,9 +153,12 @@ def global_moments(x: torch.Tensor, group=None, statistics: str = "chan"):
     """(count, mean, biased var) per channel over the slices of every worker in ``group``.
 
     x: this worker's slice (N_i, C, *); N_i may differ between workers and may be 0.
-    Returns count: (1,), mean: (C,), var: (C,), identical on every worker. One collective.
+    Returns count: (1,), mean: (C,), var: (C,), identical on every worker, in x's dtype
+    (float32 for float16/bfloat16 x: their sums would lose digits, their counts too above
+    2048 or 256). One collective.
     """
     check_choice(statistics, STATISTICS, "statistics")
+    x = _statistics_dtype(x)
     if statistics == "sums":
         return _all_reduce_sums(x, group)
     return _gather_and_merge(x, group)
@@ -232,6 +242,9 @@ class SyncBatchNorm(NotScriptable, _TorchBatchNorm):
         """x: (N, C, *) -> same shape; N may differ between workers (and be 0 on some)."""
         use_batch_stats = self.training or self.running_mean is None
         sync = self.training and world_size(self.process_group) > 1
+        if sync:
+            check_collective_device(x, dist.get_backend(self.process_group),
+                                    type(self).__name__)
         # with synchronization the batch-of-one check is done on the global count instead
         check_channel_input(x, [self.num_features], use_batch_stats and not sync,
                             type(self).__name__, SYNC_NDIMS, SYNC_LAYOUTS)

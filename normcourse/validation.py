@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "ShapeError",
@@ -29,6 +30,9 @@ __all__ = [
     "check_global_batch_statistics",
     "check_normalized_shape",
     "check_choice",
+    "check_backend",
+    "check_collective_device",
+    "BACKENDS",
     "check_interval",
     "check_running_pair",
     "check_channel_input",
@@ -139,6 +143,49 @@ def check_choice(value, choices, what: str) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"unknown {what} {value!r}; choose one of {valid}")
+
+
+BACKENDS = ("gloo", "nccl")  # the torch.distributed backends the package starts workers with
+
+
+def check_backend(backend: str, processes: int, where: str) -> None:
+    """Raise unless ``backend`` can join ``processes`` processes on this machine.
+
+    "gloo" always can (CPU tensors; CUDA tensors too, copied through host memory). "nccl" needs
+    a torch built with nccl and one CUDA device per process (nccl refuses two ranks of a group on
+    one GPU). An unknown name raises ValueError; nccl unusable here raises RuntimeError (the type
+    torch raises when it finds out later, in every worker, with a longer traceback).
+    """
+    check_choice(backend, BACKENDS, "backend")
+    if backend != "nccl":
+        return
+    if not (dist.is_available() and dist.is_nccl_available()):
+        raise RuntimeError(
+            f"{where}: backend 'nccl' is not available in this torch build ({torch.__version__}); "
+            "use backend='gloo', which runs on CPUs (and on CUDA tensors), or a CUDA build of torch"
+        )
+    devices = torch.cuda.device_count()
+    if devices < processes:
+        fewer = f"start at most {devices} per machine, or " if devices else ""
+        raise RuntimeError(
+            f"{where}: backend 'nccl' needs one CUDA device per process, but {processes} "
+            f"processes were asked for and {devices} CUDA device(s) are visible; {fewer}use "
+            "backend='gloo'"
+        )
+
+
+def check_collective_device(x, backend: str, layer: str) -> None:
+    """Raise ValueError if ``x`` cannot take part in a collective of a ``backend`` group.
+
+    nccl moves CUDA tensors only; gloo takes CPU and CUDA tensors. torch.nn.SyncBatchNorm also
+    raises ValueError for an input off the GPU.
+    """
+    if backend == "nccl" and x.device.type != "cuda":
+        raise ValueError(
+            f"{layer}: the process group uses nccl, which moves CUDA tensors only, but the input "
+            f"is on {x.device}; move the model and the data to this worker's GPU "
+            "(torch.device('cuda', LOCAL_RANK)), or use a gloo group"
+        )
 
 
 def check_same_dtype(x, layer: str, **tensors) -> None:

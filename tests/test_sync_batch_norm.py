@@ -1,9 +1,13 @@
-"""normcourse.nn.SyncBatchNorm: k gloo workers, each holding a slice of one batch, compute exactly
+"""normcourse.nn.SyncBatchNorm: k workers, each holding a slice of one batch, compute exactly
 what torch.nn.BatchNorm computes on the whole batch in one process.
 
-The workers are started by the tests themselves (``normcourse.launch.run_workers``: spawn, gloo on
-127.0.0.1, a free port, a timeout on every collective and on the whole run). To keep the module
+The workers are started by the tests themselves (``normcourse.launch.run_workers``: spawn, a group
+on 127.0.0.1, a free port, a timeout on every collective and on the whole run). To keep the module
 fast, one start of k workers runs every case (``_all_cases``) and the tests compare its results.
+The same cases run on every setup of ``SETUPS``: gloo on CPUs (always), gloo over CUDA tensors on
+one GPU, and nccl with one process per GPU (each skipped, with its reason, where the machine
+lacks what it needs). Every setup computes in float64 (nccl and gloo move it, GPUs compute it)
+against a float64 CPU reference, so one tolerance serves them all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 import normcourse.nn as ncnn
 from normcourse import models
 from normcourse.launch import WorkerError, free_port, run_workers
+from normcourse.validation import check_collective_device
 from normcourse.sync_batch_norm import (
     STATISTICS,
     SyncBatchNorm,
@@ -42,6 +47,27 @@ CASES = {
 # float64 rounding: a few units in the last place of numbers of order 1
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NCCL = dist.is_available() and dist.is_nccl_available()
+NEEDS_CUDA = pytest.mark.skipif(CUDA_DEVICES < 1, reason="needs a CUDA device")
+
+
+def _nccl_setup(world_size: int):
+    reason = f"needs {world_size} CUDA devices and nccl"
+    return pytest.param(
+        "nccl", "cuda", world_size, id=f"nccl-cuda-k{world_size}",
+        marks=pytest.mark.skipif(not NCCL or CUDA_DEVICES < world_size, reason=reason))
+
+
+# (backend, device, world size): where the workers run. "cuda" is each worker's current device:
+# cuda:rank under nccl (run_workers sets it), the one GPU cuda:0 for every gloo worker
+SETUPS = [
+    pytest.param("gloo", "cpu", 2, id="gloo-cpu-k2"),
+    pytest.param("gloo", "cpu", 4, id="gloo-cpu-k4"),
+    pytest.param("gloo", "cuda", 2, id="gloo-cuda-k2", marks=NEEDS_CUDA),
+    _nccl_setup(2),
+]
+
 
 def _batch(name: str, step: int):
     """The global batch x and upstream gradient dy (float64) of one case and step."""
@@ -59,36 +85,43 @@ def _affine(layer, c: int) -> None:
         layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
 
 
-def _run_case(layer, name: str, rows: slice) -> dict:
-    """Train ``layer`` for STEPS steps on rows ``rows`` of each batch; record everything."""
+def _run_case(layer, name: str, rows: slice, device="cpu") -> dict:
+    """Train ``layer`` (on ``device``) for STEPS steps on rows ``rows`` of each batch; record
+    everything (on ``device``)."""
     c = CASES[name][0][1]
     _affine(layer, c)
     record = {"out": [], "dx": [], "dweight": [], "dbias": []}
     for step in range(STEPS):
-        x, dy = _batch(name, step)
-        x = x[rows].clone().requires_grad_()
+        x, dy = (t[rows].to(device) for t in _batch(name, step))
+        x = x.clone().requires_grad_()
         layer.weight.grad = layer.bias.grad = None
         out = layer(x)
-        (out * dy[rows]).sum().backward()
+        (out * dy).sum().backward()
         for key, value in zip(record, (out, x.grad, layer.weight.grad, layer.bias.grad)):
             record[key].append(value.detach().clone())
     record["running"] = [b.clone() for b in (layer.running_mean, layer.running_var,
                                              layer.num_batches_tracked)]
     layer.eval()
-    record["eval_out"] = layer(_batch(name, STEPS)[0][rows]).detach()
+    record["eval_out"] = layer(_batch(name, STEPS)[0][rows].to(device)).detach()
     return record
 
 
-def _all_cases(rank: int, world_size: int) -> dict:
-    """Worker: every case with SyncBatchNorm on this worker's slice, both statistics modes."""
+def _all_cases(rank: int, world_size: int, device: str = "cpu") -> dict:
+    """Worker: every case with SyncBatchNorm on this worker's slice, both statistics modes.
+
+    ``device``: "cpu", or "cuda" for this worker's current GPU. The results come back to the
+    test process on the CPU (run_workers)."""
+    device = torch.device(device, torch.cuda.current_device()) if device == "cuda" else device
     results = {}
     for name, (shape, splits) in CASES.items():
         sizes = splits[world_size]
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
         for statistics in STATISTICS:
-            layer = SyncBatchNorm(shape[1], dtype=torch.float64, statistics=statistics)
-            results[name, statistics] = _run_case(layer, name, rows)
+            layer = SyncBatchNorm(shape[1], dtype=torch.float64, statistics=statistics,
+                                  device=device)
+            results[name, statistics] = _run_case(layer, name, rows, device)
+    results["device"] = str(device)
     return results
 
 
@@ -105,19 +138,26 @@ def _reference(name: str) -> dict:
 
 
 @lru_cache(maxsize=None)
-def _workers(world_size: int) -> list:
-    return run_workers(_all_cases, world_size, timeout_s=240, collective_timeout_s=60)
+def _workers(backend: str, device: str, world_size: int) -> list:
+    results = run_workers(_all_cases, world_size, device, timeout_s=240, collective_timeout_s=60,
+                          backend=backend)
+    # the setup really ran where it says: nccl's workers on distinct GPUs, cuda:rank
+    expected = [f"cuda:{r}" if backend == "nccl" else "cuda:0" if device == "cuda" else "cpu"
+                for r in range(world_size)]
+    assert [r["device"] for r in results] == expected
+    return results
 
 
 def _max_error(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("backend, device, world_size", SETUPS)
 @pytest.mark.parametrize("statistics", STATISTICS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_k_workers_equal_one_process_on_the_whole_batch(world_size, statistics, name):
-    ranks = [results[name, statistics] for results in _workers(world_size)]
+def test_k_workers_equal_one_process_on_the_whole_batch(backend, device, world_size, statistics,
+                                                        name):
+    ranks = [results[name, statistics] for results in _workers(backend, device, world_size)]
     ref = _reference(name)
     worst = 0.0
     for step in range(STEPS):
@@ -134,7 +174,8 @@ def test_k_workers_equal_one_process_on_the_whole_batch(world_size, statistics, 
             torch.testing.assert_close(ours, theirs, **TOL)
             worst = max(worst, _max_error(ours.double(), theirs.double()))
     torch.testing.assert_close(torch.cat([r["eval_out"] for r in ranks]), ref["eval_out"], **TOL)
-    print(f"{name}, k={world_size}, {statistics}: max abs error {worst:.1e}")
+    print(f"{name}, {backend} on {device}, k={world_size}, {statistics}: "
+          f"max abs error {worst:.1e}")
 
 
 def test_per_worker_statistics_would_differ():
@@ -164,6 +205,46 @@ def _die(rank: int, world_size: int):
     if rank == 1:
         os._exit(3)
     return rank
+
+
+def test_unknown_backend_is_refused_before_any_worker_starts():
+    with pytest.raises(ValueError, match="unknown backend 'mpi'; choose one of 'gloo', 'nccl'"):
+        run_workers(_crash, 2, backend="mpi")
+
+
+def test_nccl_without_enough_gpus_is_refused_before_any_worker_starts(monkeypatch):
+    """nccl needs one GPU per process; the check runs in the caller, so no worker starts (the
+    error is not a WorkerError) whatever GPUs this machine has: torch's answers are faked."""
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"run_workers: backend 'nccl' needs one CUDA device "
+                       r"per process, but 2 processes were asked for and 1 CUDA device\(s\) "
+                       r"are visible; start at most 1 per machine, or use backend='gloo'"):
+        run_workers(_crash, 2, backend="nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match=r"0 CUDA device\(s\) are visible; use backend='gloo'"):
+        run_workers(_crash, 2, backend="nccl")
+
+
+def test_nccl_missing_from_torch_is_refused_before_any_worker_starts(monkeypatch):
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(RuntimeError, match="backend 'nccl' is not available in this torch build"):
+        run_workers(_crash, 2, backend="nccl")
+
+
+def test_an_nccl_group_gets_a_clear_error_for_a_cpu_input(monkeypatch):
+    """As torch.nn.SyncBatchNorm, a ValueError; here before any collective. The group of two
+    nccl processes is faked (no GPU here): only its world size and backend are asked for."""
+    import normcourse.sync_batch_norm as sbn
+
+    monkeypatch.setattr(sbn, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(ValueError, match="SyncBatchNorm: the process group uses nccl, which moves "
+                       "CUDA tensors only, but the input is on cpu"):
+        SyncBatchNorm(3)(torch.randn(4, 3))
+    SyncBatchNorm(3).eval()(torch.randn(4, 3))  # eval mode: no collective, any device
+    check_collective_device(torch.zeros(2, 3), "gloo", "SyncBatchNorm")  # gloo takes CPU tensors
 
 
 def test_a_hanging_worker_fails_the_run_with_a_clear_message():
@@ -219,25 +300,41 @@ def test_with_a_group_of_one_it_is_batch_norm(group_of_one):
             torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_sync_path_computes_in_float32(group_of_one, dtype):
-    """The synchronized code path itself (a group of one process), mixed precision."""
+def test_half_precision_sync_path_computes_in_float32(group_of_one, dtype, device):
+    """The synchronized code path itself (a group of one gloo process, whose collectives take
+    CUDA tensors too), mixed precision: what autocast feeds it on a GPU."""
     torch.manual_seed(0)
-    x = (torch.randn(16, 3, 4) * 2 + 5).to(dtype).requires_grad_()
-    dy = torch.randn(16, 3, 4).to(dtype)
-    weight, bias = (torch.rand(3) + 0.5).requires_grad_(), torch.randn(3).requires_grad_()
-    rm, rv = torch.zeros(3), torch.ones(3)
+    x = (torch.randn(16, 3, 4) * 2 + 5).to(device, dtype).requires_grad_()
+    dy = torch.randn(16, 3, 4).to(device, dtype)
+    weight = (torch.rand(3) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(3).to(device).requires_grad_()
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     out = SyncBatchNormFunction.apply(x, rm, rv, weight, bias, 0.1, 1e-5, None, "chan")
     out.backward(dy)
     assert out.dtype == x.grad.dtype == dtype and weight.grad.dtype == torch.float32
-    x32 = x.detach().float().requires_grad_()
-    w32, b32 = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    assert out.device == x.grad.device == weight.grad.device == rm.device == x.device
+    # the reference: torch's batch norm in float32 on the CPU
+    x32 = x.detach().float().cpu().requires_grad_()
+    w32 = weight.detach().cpu().requires_grad_()
+    b32 = bias.detach().cpu().requires_grad_()
     ref = nn.functional.batch_norm(x32, torch.zeros(3), torch.ones(3), w32, b32, True)
-    ref.backward(dy.float())
-    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(weight.grad, w32.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(rm, torch.zeros(3).lerp_(x32.detach().mean((0, 2)), 0.1))
+    ref.backward(dy.float().cpu())
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.float().cpu(), x32.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad.cpu(), w32.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rm.cpu(), torch.zeros(3).lerp_(x32.detach().mean((0, 2)), 0.1))
+
+
+def test_global_moments_of_half_precision_input_are_float32(group_of_one):
+    """A float16 count is exact only up to 2048: 3 * 1025 = 3075 values per channel here
+    (3076 in float16)."""
+    x = (torch.randn(3, 3, 1025) + 3).half()
+    count, mean, var = global_moments(x)
+    assert count.dtype == mean.dtype == var.dtype == torch.float32 and count.item() == 3075
+    torch.testing.assert_close(mean, x.float().mean((0, 2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, x.float().var((0, 2), unbiased=False), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("statistics", STATISTICS)
