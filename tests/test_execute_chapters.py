@@ -3,19 +3,15 @@ that the Sphinx build reads. Tiny throwaway books in a temporary folder, never t
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_execute_chapters
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location(
-    "execute_chapters", REPO / "scripts" / "execute_chapters.py")
-execute_chapters = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = execute_chapters  # dataclasses and the worker processes look it up
-SPEC.loader.exec_module(execute_chapters)
+execute_chapters = load_execute_chapters()
 
 HEADER = """---
 jupytext:
