@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -162,7 +163,10 @@ def cached_chapter_runs(root: Path, python: str | None) -> dict:
     cache = get_cache(str(settings.cache))
     found = {}
     for chapter in execute_chapters.book_chapters(root, settings):
-        record = execute_chapters.cached_run(chapter, settings, cache, python)
+        try:
+            record = execute_chapters.cached_run(chapter, settings, cache, python)
+        except subprocess.CalledProcessError:  # the kernel's Python cannot even import the
+            return {}  # package: let nbval execute every chapter and show the error
         if record is not None:
             found[chapter.path.resolve()] = (chapter, record)
     return found
