@@ -250,15 +250,15 @@ def pytest_pycollect_makemodule(module_path, parent):
 # These files are handed out first, longest first (CPU time measured for issue 18); every other
 # file follows in xdist's order. The order changes which worker runs a file, never a result.
 LONGEST_FIRST = (
-    "tests/test_claims_ch04_test_time_statistics.py",  # with ch05 and ch06: SHARED_RUNS
     "tests/test_exercises.py",
     "tests/test_grading_sandbox.py",
+    "tests/test_claims_ch04_test_time_statistics.py",  # with ch05 and ch06: SHARED_RUNS
     "tests/test_claims_ch03_training_with_batch_norm.py",
-    "tests/test_claims_ch07_why_batch_norm_works.py",
     "tests/test_claims_ch08_normalization_without_the_batch.py",
+    "tests/test_claims_ch07_why_batch_norm_works.py",
     "tests/test_claims_ch09_normalization_in_transformers.py",
     "tests/test_claims_ch10_batch_norm_across_devices.py",
-    "tests/test_claims_ch01_input_normalization.py",
+    "tests/test_sync_batch_norm.py",
 )
 # The claim files of chapters 4-6 share trained runs (tests/claim_runs.py, kept per process):
 # one work unit, so that no run is trained on both workers.
