@@ -251,12 +251,12 @@ def pytest_pycollect_makemodule(module_path, parent):
 # file follows in xdist's order. The order changes which worker runs a file, never a result.
 LONGEST_FIRST = (
     "tests/test_exercises.py",
-    "tests/test_grading_sandbox.py",
     "tests/test_claims_ch04_test_time_statistics.py",  # with ch05 and ch06: SHARED_RUNS
+    "tests/test_grading_sandbox.py",
     "tests/test_claims_ch03_training_with_batch_norm.py",
+    "tests/test_claims_ch09_normalization_in_transformers.py",
     "tests/test_claims_ch08_normalization_without_the_batch.py",
     "tests/test_claims_ch07_why_batch_norm_works.py",
-    "tests/test_claims_ch09_normalization_in_transformers.py",
     "tests/test_claims_ch10_batch_norm_across_devices.py",
     "tests/test_sync_batch_norm.py",
 )
