@@ -79,6 +79,9 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going $$all; \
 	touch $(BOOK_OK)
 
+# tests/test_notebooks.py checks each chapter's run that `make book` just recorded in the
+# execution cache instead of executing it again (when the code and environment are unchanged;
+# see tests/conftest.py). The longest test files go to the workers first (conftest.py).
 test: book
 	@bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -rs

@@ -19,25 +19,58 @@ which fails `make book`. Options of _config.yml's `execute:` section that it hon
 `timeout`, `allow_errors`, `run_in_temp`, `execute_notebooks` (anything but `cache`: nothing to
 do).
 
+Each cached chapter also records the environment it ran in (`environment_fingerprint`: the
+kernel's Python and installed distributions, every file of the course package it imports, the
+MNIST files it finds, the thread settings). jupyter-cache's key is the code cells alone, so
+tests/test_notebooks.py trusts a cached run (`cached_run`, checked by `execution_problems`)
+instead of executing the chapter again only when that fingerprint is still the current one.
+
     python scripts/execute_chapters.py [--root .] [--jobs N] [--list]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import multiprocessing
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 DEFAULT_CACHE = "_build/.jupyter_cache"  # myst-nb's default: beside the html output folder
+ENVIRONMENT_KEY = "environment"  # where a cache record keeps its environment_fingerprint
+# Environment variables that decide a chapter's numbers. Every NORMCOURSE_* counts too, except
+# these two: the progress display (make book turns it off; it changes no result) and the claim
+# tests' CI switch, which no chapter reads.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+IGNORED_VARIABLES = frozenset({"NORMCOURSE_PROGRESS", "NORMCOURSE_REQUIRE_FULL"})
+# Run by the kernel's own Python, in the chapter's folder: what a chapter's `import normcourse`
+# finds, the distributions installed beside it, and the MNIST folder load_mnist() reads.
+_ENVIRONMENT_PROBE = """
+import importlib.metadata, importlib.util, json, sys
+spec = importlib.util.find_spec("normcourse")
+package = list(spec.submodule_search_locations)[0] if spec else None
+data = None
+if package:
+    from normcourse.data import default_cache_dir
+    data = str(default_cache_dir())
+print(json.dumps({
+    "python": sys.version, "prefix": sys.prefix, "executable": sys.executable,
+    "distributions": sorted(f"{d.metadata['Name']}=={d.version}"
+                            for d in importlib.metadata.distributions()),
+    "package": package, "data": data,
+}))
+"""
 
 
 @dataclass(frozen=True)
@@ -151,6 +184,71 @@ def stale_chapters(chapters: list[Chapter], cache) -> list[Chapter]:
     return sorted(stale, key=lambda c: c.expected_seconds, reverse=True)
 
 
+def kernel_python(kernel_name: str) -> str:
+    """The Python executable that jupyter_client starts for the kernel ``kernel_name``."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    command = KernelSpecManager().get_kernel_spec(kernel_name).argv[0]
+    # jupyter_client runs a spec's bare "python" (ipykernel's own spec) as sys.executable.
+    version = sys.version_info
+    if command in {"python", f"python{version[0]}", f"python{version[0]}.{version[1]}"}:
+        return sys.executable
+    return command
+
+
+def _files_digest(folder: Path, stat_only: bool) -> list[str]:
+    """Every file under ``folder`` (caches left out): its path and content hash, or size and mtime."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        name = str(path.relative_to(folder))
+        if stat_only:  # large data files: their size and time stand for them, as for make
+            stat = path.stat()
+            entries.append(f"{name} {stat.st_size} {stat.st_mtime_ns}")
+        else:
+            entries.append(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}")
+    return entries
+
+
+@lru_cache(maxsize=None)
+def environment_fingerprint(python: str, cwd: str) -> str:
+    """A hash of what, besides its code, decides whether a chapter run by ``python`` in ``cwd``
+    runs cleanly and what it prints.
+
+    The kernel's Python (version, prefix) and installed distributions; the content of every file
+    of the normcourse package that its ``import normcourse`` finds (so an edit to the package
+    changes it, although jupyter-cache's key, the code cells alone, stays the same); the
+    MNIST folder that ``load_mnist()`` reads (file names, sizes and times); the thread settings
+    and the NORMCOURSE_* variables (but ``IGNORED_VARIABLES``). Not in it: the matplotlib
+    backend (inline in the book, Agg under pytest), which changes how figures are shown only.
+    """
+    probe = subprocess.run([python, "-c", _ENVIRONMENT_PROBE], cwd=cwd, capture_output=True,
+                           text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    facts = json.loads(probe.stdout)
+    if facts["package"]:
+        facts["package_files"] = _files_digest(Path(facts["package"]), stat_only=False)
+    if facts["data"] and Path(facts["data"]).is_dir():
+        facts["data_files"] = _files_digest(Path(facts["data"]), stat_only=True)
+    facts["variables"] = {
+        name: value for name, value in sorted(os.environ.items())
+        if name in THREAD_VARIABLES
+        or (name.startswith("NORMCOURSE_") and name not in IGNORED_VARIABLES)
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def chapter_fingerprint(chapter: Chapter, settings: ExecutionSettings, python: str) -> str:
+    """``environment_fingerprint`` for this chapter's kernel in the folder it runs in."""
+    if settings.run_in_temp:  # a fresh temporary folder each time: nothing of it to compare
+        return environment_fingerprint(python, tempfile.gettempdir())
+    return environment_fingerprint(python, str(chapter.path.parent.resolve()))
+
+
+def notebook_kernel(notebook: dict) -> str:
+    return (notebook.get("metadata", {}).get("kernelspec") or {}).get("name", "python3")
+
+
 def failing_cell(notebook: dict) -> str:
     """'cell K (line L)' of the first cell with an error output (L: the line in the page)."""
     source_map = notebook.get("metadata", {}).get("source_map") or []
@@ -198,6 +296,42 @@ def execute_chapter(chapter: Chapter, settings: ExecutionSettings) -> Outcome:
     return Outcome(chapter.path, result.nb, result.time, cpu_seconds=cpu)
 
 
+def cached_run(chapter: Chapter, settings: ExecutionSettings, cache, python: str | None = None):
+    """The cache record of a run of exactly this chapter's code (jupyter-cache's key, as the book
+    build matches it) that this script made in the environment a kernel of ``python`` (default:
+    the chapter's own kernel) has now; None when there is none (never executed, code changed, or
+    environment changed)."""
+    try:
+        record = cache.match_cache_notebook(chapter.notebook)
+    except KeyError:
+        return None
+    recorded = (record.data or {}).get(ENVIRONMENT_KEY)
+    python = python or kernel_python(notebook_kernel(chapter.notebook))
+    if recorded is None or recorded != chapter_fingerprint(chapter, settings, python):
+        return None
+    return record
+
+
+def execution_problems(chapter: Chapter, executed: dict) -> list[str]:
+    """What keeps ``executed`` from being a clean run of every code cell of ``chapter``, in order,
+    in one kernel: [] when it is one. A cell with an error output counts as failed even where
+    the run allowed errors."""
+    wanted = [c for c in chapter.notebook["cells"] if c["cell_type"] == "code"]
+    cells = [c for c in executed.get("cells", []) if c.get("cell_type") == "code"]
+    if [c["source"] for c in cells] != [c["source"] for c in wanted]:
+        return [f"the cached run has other code cells than {chapter.path.name}"]
+    problems = []
+    for number, cell in enumerate(cells, start=1):
+        if cell.get("execution_count") != number:
+            problems.append(f"code cell {number} has execution count "
+                            f"{cell.get('execution_count')}, not {number}: it did not run in order")
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                problems.append(f"code cell {number} raised {output.get('ename')}: "
+                                f"{output.get('evalue')}")
+    return problems
+
+
 def _children_cpu_seconds() -> float:
     """CPU time of this process's finished children: the kernels, once shut down."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -229,6 +363,12 @@ def run(root: Path, jobs: int | None = None, log=print) -> list[Outcome]:
     jobs = max(1, min(jobs or len(os.sched_getaffinity(0)), len(stale)))
     log(f"executing {len(stale)} of {len(chapters)} chapters, {jobs} at a time")
     started = time.perf_counter()
+    # Taken before the kernels start: a file changed while they run makes the record stale.
+    fingerprints = {
+        chapter.path: chapter_fingerprint(
+            chapter, settings, kernel_python(notebook_kernel(chapter.notebook)))
+        for chapter in stale
+    }
     outcomes = []
     # fork: the workers inherit the notebooks already read; the cache is written here only
     # (one process writes its SQLite database).
@@ -243,7 +383,8 @@ def run(root: Path, jobs: int | None = None, log=print) -> list[Outcome]:
                 cache.cache_notebook_bundle(
                     CacheBundleIn(outcome.notebook, str(outcome.path.resolve()),
                                   data={"execution_seconds": outcome.seconds,
-                                        "cpu_seconds": outcome.cpu_seconds}),
+                                        "cpu_seconds": outcome.cpu_seconds,
+                                        ENVIRONMENT_KEY: fingerprints[outcome.path]}),
                     check_validity=False, overwrite=True,
                 )
                 log(f"  {outcome.seconds:6.1f} s ({outcome.cpu_seconds:6.1f} s CPU)  {name}")

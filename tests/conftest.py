@@ -7,11 +7,25 @@ nbval notebook per chapter, read through jupytext. Each code cell is one test it
 in one kernel whose working directory is ``book/`` (as in JupyterLab and in the book build).
 Cells are not compared with stored outputs (the chapters store none): a chapter passes when
 every cell, including its ``assert`` check cells, runs without raising.
+
+``make test`` builds the book first, and the build has already executed every chapter
+(scripts/execute_chapters.py, into the execution cache ``_build/.jupyter_cache``; a failing cell
+fails the build). A chapter whose cache holds that script's run of exactly its current code
+(jupyter-cache's key, as the book build matches it) made in the same environment (the kernel's
+Python and distributions, every file of the normcourse package, the MNIST files, the thread
+settings: ``execute_chapters.environment_fingerprint``) is not executed again: its one test,
+``tests/test_notebooks.py::NN_topic[execution cache]``, checks that recorded run instead (every
+code cell ran, in order, none with an error output). Every other chapter (no built book, code or
+package changed since the build, pytest on its own) runs through nbval, one test per cell
+(``book/NN_topic.md::Cell K``). The summary line "book chapters: ..." says which did which.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -122,15 +136,103 @@ def _nbval_file_class():
     return MystNotebook
 
 
+def load_execute_chapters():
+    """scripts/execute_chapters.py as a module (scripts/ is not a package)."""
+    name = "execute_chapters"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "scripts" / "execute_chapters.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses and worker processes look it up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+CACHED = "[execution cache]"  # the test id suffix of a chapter checked in the execution cache
+
+
+def cached_chapter_runs(root: Path, python: str | None) -> dict:
+    """chapter path -> (Chapter, cache record) for each chapter of the book at ``root`` whose
+    clean run in this environment is in the book's execution cache; see the module docstring."""
+    execute_chapters = load_execute_chapters()
+    settings = execute_chapters.read_settings(root)
+    if settings.mode != "cache" or not settings.cache.is_dir():
+        return {}
+    from jupyter_cache import get_cache
+
+    cache = get_cache(str(settings.cache))
+    found = {}
+    for chapter in execute_chapters.book_chapters(root, settings):
+        try:
+            record = execute_chapters.cached_run(chapter, settings, cache, python)
+        except subprocess.CalledProcessError:  # the kernel's Python cannot even import the
+            return {}  # package: let nbval execute every chapter and show the error
+        if record is not None:
+            found[chapter.path.resolve()] = (chapter, record)
+    return found
+
+
+class CachedChapterRun(pytest.Item):
+    """One chapter, checked in the run that the book build recorded instead of run again."""
+
+    def __init__(self, *, chapter, record, cache_path, **kwargs):
+        super().__init__(**kwargs)
+        self.chapter, self.record, self.cache_path = chapter, record, cache_path
+
+    def runtest(self):
+        from jupyter_cache import get_cache
+
+        executed = get_cache(str(self.cache_path)).get_cache_bundle(self.record.pk).nb
+        problems = load_execute_chapters().execution_problems(self.chapter, executed)
+        if problems:
+            raise AssertionError(
+                f"the recorded run of {self.chapter.path.name} (execution cache record "
+                f"{self.record.pk}) is not clean:\n" + "\n".join(problems))
+
+    def reportinfo(self):
+        return (self.chapter.path, None,
+                f"{self.chapter.path.name}: executed by the book build, read from the "
+                f"execution cache (record {self.record.pk})")
+
+
 class BookChapters(pytest.File):
-    """Stands for tests/test_notebooks.py: one nbval notebook per book chapter."""
+    """Stands for tests/test_notebooks.py: per book chapter, its run in the execution cache, or
+    one nbval notebook executed here."""
 
     def collect(self):
         if not CHAPTERS:
             pytest.skip("no chapters in book/ yet")
         notebook_class = _nbval_file_class()
-        for chapter in CHAPTERS:
-            yield notebook_class.from_parent(self, path=chapter)
+        # The Python of the kernel nbval would start: this one with --nbval-current-env
+        # (pyproject.toml), else the kernel named by --nbval-kernel-name or by the chapter.
+        kernel_name = self.config.getoption("nbval_kernel_name")
+        python = (sys.executable if self.config.getoption("nbval_current_env")
+                  else load_execute_chapters().kernel_python(kernel_name) if kernel_name
+                  else None)
+        cached = cached_chapter_runs(REPO, python)
+        cache_path = load_execute_chapters().read_settings(REPO).cache
+        for path in CHAPTERS:
+            if path.resolve() in cached:
+                chapter, record = cached[path.resolve()]
+                yield CachedChapterRun.from_parent(
+                    self, name=f"{path.stem}{CACHED}", chapter=chapter, record=record,
+                    cache_path=cache_path)
+            else:
+                yield notebook_class.from_parent(self, path=path)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says how many chapters were checked in the execution cache and how many executed."""
+    reports = [r for key in ("passed", "failed", "error", "skipped")
+               for r in terminalreporter.stats.get(key, [])
+               if getattr(r, "when", "call") == "call"]
+    from_cache = {r.nodeid for r in reports if r.nodeid.endswith(CACHED)}
+    executed = {r.nodeid.split("::")[0] for r in reports
+                if r.nodeid.startswith("book/") and r.nodeid.split("::")[0].endswith(".md")}
+    if from_cache or executed:
+        terminalreporter.write_line(
+            f"book chapters: {len(from_cache)} checked in the execution cache (executed by the "
+            f"book build), {len(executed)} executed through nbval")
 
 
 def pytest_pycollect_makemodule(module_path, parent):
@@ -138,3 +240,55 @@ def pytest_pycollect_makemodule(module_path, parent):
         return BookChapters.from_parent(parent, path=module_path)
     return None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling under `pytest -n 2 --dist loadfile` (make test, .ci/run)
+# ---------------------------------------------------------------------------------------------
+# xdist hands out whole files, the files with the most tests first, so the claim files (few
+# tests, minutes each) came last and one worker ran the last of them while the other idled.
+# These files are handed out first, longest first (CPU time measured for issue 18); every other
+# file follows in xdist's order. The order changes which worker runs a file, never a result.
+LONGEST_FIRST = (
+    "tests/test_exercises.py",
+    "tests/test_claims_ch04_test_time_statistics.py",  # with ch05 and ch06: SHARED_RUNS
+    "tests/test_grading_sandbox.py",
+    "tests/test_claims_ch03_training_with_batch_norm.py",
+    "tests/test_claims_ch09_normalization_in_transformers.py",
+    "tests/test_claims_ch08_normalization_without_the_batch.py",
+    "tests/test_claims_ch07_why_batch_norm_works.py",
+    "tests/test_claims_ch10_batch_norm_across_devices.py",
+    "tests/test_sync_batch_norm.py",
+)
+# The claim files of chapters 4-6 share trained runs (tests/claim_runs.py, kept per process):
+# one work unit, so that no run is trained on both workers.
+SHARED_RUNS = (
+    "tests/test_claims_ch04_test_time_statistics.py",
+    "tests/test_claims_ch05_layer_norm.py",
+    "tests/test_claims_ch06_batch_renorm.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile with LONGEST_FIRST and SHARED_RUNS; any other mode as xdist does it."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_RUNS[0] if scope in SHARED_RUNS else scope
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the queue is complete before the first unit goes out
+                for scope in reversed(LONGEST_FIRST):
+                    if scope in self.workqueue:
+                        self.workqueue.move_to_end(scope, last=False)
+                self.ordered = True
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)

@@ -3,19 +3,15 @@ that the Sphinx build reads. Tiny throwaway books in a temporary folder, never t
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_execute_chapters
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location(
-    "execute_chapters", REPO / "scripts" / "execute_chapters.py")
-execute_chapters = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = execute_chapters  # dataclasses and the worker processes look it up
-SPEC.loader.exec_module(execute_chapters)
+execute_chapters = load_execute_chapters()
 
 HEADER = """---
 jupytext:
@@ -203,3 +199,95 @@ def test_make_book_executes_the_chapters_before_the_sphinx_build():
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     recipe = makefile.split("\nbook:", 1)[1].split("\n\n", 1)[0]
     assert recipe.index("scripts/execute_chapters.py") < recipe.index("jupyter-book build")
+
+
+# tests/test_notebooks.py reads a chapter's run from the cache (tests/conftest.py) only when the
+# cache holds this script's clean run of exactly its code, made in the current environment.
+def cached_runs(root: Path) -> dict:
+    """Chapter name -> the cache record the notebook tests would read, None where they execute."""
+    from conftest import cached_chapter_runs
+
+    found = cached_chapter_runs(root, sys.executable)
+    return {chapter.path.name: found.get(chapter.path.resolve(), (None, None))[1]
+            for chapter in execute_chapters.book_chapters(root, execute_chapters.read_settings(root))}
+
+
+def test_a_chapter_is_read_from_the_cache_only_while_its_code_and_environment_are_unchanged(
+        tmp_path, monkeypatch):
+    root = make_book(tmp_path, {"a": page("print('a')"), "b": page("print('b')")})
+    assert cached_runs(root) == {"a.md": None, "b.md": None}  # nothing executed yet: nbval
+    execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    runs = cached_runs(root)
+    assert all(record is not None for record in runs.values())
+    settings = execute_chapters.read_settings(root)
+    for chapter in execute_chapters.book_chapters(root, settings):
+        executed = cache_of(root).get_cache_bundle(runs[chapter.path.name].pk).nb
+        assert execute_chapters.execution_problems(chapter, executed) == []
+
+    # Stale code: the changed chapter executes again, the other one is still read.
+    (root / "b.md").write_text(page("print('b, changed')"))
+    assert cached_runs(root)["b.md"] is None and cached_runs(root)["a.md"] is not None
+
+    # Stale environment (here a NORMCOURSE_ variable; an edited package file or another
+    # distribution changes the fingerprint the same way): nothing is read from the cache.
+    monkeypatch.setenv("NORMCOURSE_DATA", str(tmp_path / "elsewhere"))
+    execute_chapters.environment_fingerprint.cache_clear()
+    assert cached_runs(root) == {"a.md": None, "b.md": None}
+    monkeypatch.delenv("NORMCOURSE_DATA")
+    monkeypatch.setenv("NORMCOURSE_PROGRESS", "0")  # display only: the runs still count
+    execute_chapters.environment_fingerprint.cache_clear()
+    assert cached_runs(root)["a.md"] is not None
+
+
+def test_the_fingerprint_covers_every_file_of_the_package_the_kernel_imports(tmp_path):
+    # A stand-in package on the kernel's path: editing any of its files changes the fingerprint.
+    package = tmp_path / "site" / "normcourse"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "data.py").write_text(
+        "from pathlib import Path\ndef default_cache_dir():\n    return Path('/nonexistent')\n")
+    (package / "nn.py").write_text("X = 1\n")
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'site'} exec {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+
+    def fingerprint():
+        execute_chapters.environment_fingerprint.cache_clear()
+        return execute_chapters.environment_fingerprint(str(script), str(tmp_path))
+
+    before = fingerprint()
+    assert fingerprint() == before
+    (package / "nn.py").write_text("X = 2\n")
+    assert fingerprint() != before
+    (package / "nn.py").write_text("X = 1\n")
+    assert fingerprint() == before
+    assert fingerprint() != execute_chapters.environment_fingerprint(sys.executable, str(tmp_path))
+
+
+def test_a_failing_chapter_never_passes_through_the_cache(tmp_path):
+    failing = page("x = 1", "assert x == 2, 'the check failed'", "print('after')")
+    root = make_book(tmp_path, {"a": failing})
+    execute_chapters.run(root, jobs=1, log=lambda *_: None)
+    assert cached_runs(root) == {"a.md": None}  # not cached, so nbval executes it (and fails)
+
+    # Even a run cached with its error (allow_errors: true) is read as a failure.
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    config["execute"]["allow_errors"] = True
+    (root / "_config.yml").write_text(yaml.safe_dump(config))
+    execute_chapters.run(root, jobs=1, log=lambda *_: None)
+    record = cached_runs(root)["a.md"]
+    assert record is not None
+    chapter = execute_chapters.book_chapters(root, execute_chapters.read_settings(root))[0]
+    executed = cache_of(root).get_cache_bundle(record.pk).nb
+    assert execute_chapters.execution_problems(chapter, executed) == [
+        "code cell 2 raised AssertionError: the check failed"]
+
+    # A run that stopped part-way (a cell never executed) fails too, errors or not.
+    executed.cells[-2].outputs = []
+    executed.cells[-1].execution_count = None
+    assert execute_chapters.execution_problems(chapter, executed) == [
+        "code cell 3 has execution count None, not 3: it did not run in order"]
+    # And a record of other code never stands in for the chapter.
+    executed.cells[-1].source = "print('something else')"
+    assert execute_chapters.execution_problems(chapter, executed) == [
+        "the cached run has other code cells than a.md"]

@@ -261,3 +261,33 @@ def table() -> str:
 
 if __name__ == "__main__":
     print(table())
+
+
+def test_the_tasks_own_functions_run_once_per_case_and_an_answer_on_every_check():
+    from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
+
+    calls = {"correct": 0, "mistake": 0, "answer": 0}
+
+    def counted(name, shift):
+        def function(x):
+            calls[name] += 1
+            return x + shift
+        return function
+
+    task = OutputTask(
+        id="00.double", title="double", function="double", correct=counted("correct", 0.0),
+        cases=(Case("ones", lambda: {"x": np.ones(3)}), Case("range", lambda: {"x": np.arange(3.0)})),
+        mistakes=(Mistake("plus_one", "you added one", counted("mistake", 1.0)),))
+    answer = counted("answer", 1.0)  # makes the known mistake
+    for _ in range(3):
+        result = task.check(answer)
+        assert result.status == "fail" and result.mistakes == ["plus_one"]
+    assert task.check(counted("answer", 0.0)).status == "pass"
+    assert calls == {"correct": 2, "mistake": 2, "answer": 3 * 2 + 2}  # 2 cases, 4 checks
+    # Later calls get copies: a caller that writes into its outputs changes no later check.
+    task.run(task.correct, task.cases[0])[0][:] = 7.0
+    assert task.check(counted("answer", 0.0)).status == "pass"
+    # A case that is not the task's own runs every time.
+    other = Case("twos", lambda: {"x": np.full(3, 2.0)})
+    task.run(task.correct, other), task.run(task.correct, other)
+    assert calls["correct"] == 4

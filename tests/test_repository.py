@@ -135,3 +135,17 @@ def test_only_the_bibliography_page_lists_references():
         if p.name != "bibliography.md" and "```{bibliography}" in p.read_text(encoding="utf-8")
     ]
     assert not pages, f"pages with their own {{bibliography}} directive: {pages}"
+
+
+def test_the_test_scheduling_names_existing_files_and_every_user_of_the_shared_runs():
+    # conftest.py hands LONGEST_FIRST out first and keeps SHARED_RUNS on one worker: a renamed
+    # file would silently fall out of both, and a new user of tests/claim_runs.py on another
+    # worker would train the shared runs a second time.
+    from conftest import LONGEST_FIRST, SHARED_RUNS
+
+    for name in (*LONGEST_FIRST, *SHARED_RUNS):
+        assert (REPO / name).is_file(), name
+    users = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if re.search(r"^from claim_runs import|^import claim_runs",
+                                p.read_text(encoding="utf-8"), re.M))
+    assert users == sorted(SHARED_RUNS)

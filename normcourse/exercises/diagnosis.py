@@ -316,6 +316,9 @@ class OutputTask(Task):
         "`{function}` changed its input `{name}` in place; work on new arrays "
         "(e.g. `{name} - mean` rather than `{name} -= mean`)"
     )
+    # The outputs of the task's own functions (the correct answer, the known mistakes) on its own
+    # cases, computed once per process (see ``run``).
+    _own_outputs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.output_points is not None and (
@@ -362,7 +365,20 @@ class OutputTask(Task):
         """Call ``function`` on a fresh copy of the case's inputs; return the outputs as arrays.
 
         Exceptions raised by ``function`` propagate; unreadable answers raise AnswerProblem.
+        The task's own functions (``correct``, each mistake's ``answer``) on its own cases run once
+        per process and later calls get copies: their inputs are seeded, so they give the same
+        outputs every time, and an experiment task's reference trains networks, which every
+        check (and every mistake it compares) would otherwise do again. An answer always runs.
         """
+        own = function is self.correct or any(function is m.answer for m in self.mistakes)
+        if not own or not any(case is c for c in self.cases):
+            return self._run(function, case)
+        key = (id(function), id(case))  # both are held by the task, so the ids stay theirs
+        if key not in self._own_outputs:
+            self._own_outputs[key] = self._run(function, case)
+        return [v.copy() for v in self._own_outputs[key]]
+
+    def _run(self, function: Callable, case: Case) -> list[np.ndarray]:
         return [to_array(v, n) for v, n in zip(self.values(function, case)[1], self.outputs)]
 
     def _out_and_cache(self, returned, expected: list[np.ndarray]) -> AnswerProblem | None:
