@@ -175,7 +175,7 @@ def measure_bandwidth(device) -> float:
 
 
 def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, compile_backend: str = "inductor",
-                   layers=LAYERS):
+                   layers=None):
     """One row per (layer, shape) of ``layers`` (default ``LAYERS``) x ``SHAPES``: each variant's
     time, ratio to native, saved bytes; ``log`` gets each row as a line (default: printed above
     the progress bar).
@@ -186,6 +186,7 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
     results = []
     repeats, min_time = (3, 0.01) if quick else (7, 0.2)
     compile = not quick if compile is None else compile
+    layers = LAYERS if layers is None else layers
     settings = [(layer, shape) for layer, shape in product(layers, SHAPES) if applies(layer, shape[1])]
     settings = sweep(settings, f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
     for layer, (shape_name, shape) in settings:
