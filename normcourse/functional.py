@@ -644,8 +644,10 @@ def _group_norm_backward(needs, dy, x, weight, mean, rstd, bias_dtype, num_group
     mean, rstd = _statistics_for_backward(xg, mean, rstd, eps, (2, 3))  # mean None: not kept
     centered = _cast(xg, mean.dtype) - mean
     dy = _cast(dy, centered.dtype).reshape(centered.shape)
-    sum_dy = dy.sum(3, keepdim=True)  # (N, G, C/G, 1)
-    sum_dy_xhat = (dy * centered).sum(3, keepdim=True) * rstd  # xhat = centered * rstd
+    # (N, G, C/G, 1); one position per channel ((N, C) input): the sums are the values
+    per_position = (lambda t: t) if centered.shape[3] == 1 else (lambda t: t.sum(3, keepdim=True))
+    sum_dy = per_position(dy)
+    sum_dy_xhat = per_position(dy * centered) * rstd  # xhat = centered * rstd
     dx = dweight = dbias = None
     if needs[0]:
         gamma = None if weight is None else _cast(weight, centered.dtype).view(num_groups, -1, 1)
