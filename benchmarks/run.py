@@ -6,6 +6,7 @@ Usage::
     python benchmarks/run.py --device cuda   # one device only (cuda without a GPU: an error)
     python benchmarks/run.py --quick         # fewer repetitions, no torch.compile (a smoke run)
     python benchmarks/run.py --out DIR       # where the JSON, the markdown table and the plot go
+    python benchmarks/run.py --layers layer_norm,group_norm   # some layers only (names: LAYERS)
 
 What is measured and how: see ``normcourse/benchmarking.py``. This is a script, not a test:
 timings depend on the machine and on its load, so run it on a quiet machine.
@@ -25,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no window
 
 from normcourse.benchmarking import (
+    LAYERS,
     benchmark_devices,
     format_rms_versus_layer_norm,
     markdown_table,
@@ -42,7 +44,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
                         help="cpu, cuda (default: cpu, and cuda if present)")
+    parser.add_argument("--layers", action="append",
+                        help=f"comma-separated layers to measure, repeatable (default: all of "
+                             f"{', '.join(LAYERS)})")
     args = parser.parse_args(argv)
+    asked = {name for names in args.layers or [",".join(LAYERS)] for name in names.split(",") if name}
+    if asked - set(LAYERS):
+        parser.error(f"--layers: unknown layer {', '.join(sorted(asked - set(LAYERS)))}; "
+                     f"choose from {', '.join(LAYERS)}")
+    layers = [name for name in LAYERS if name in asked]  # the report's order
 
     torch.set_num_threads(args.threads)
     try:
@@ -56,7 +66,7 @@ def main(argv=None) -> None:
         machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
         bandwidth = measure_bandwidth(device)
         print(f"# {name}: {machine}, {args.threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
-        results = run_benchmarks(device, args.quick)
+        results = run_benchmarks(device, args.quick, layers=layers)
         # chapter 8: what dropping layer norm's re-centring saves (operation counts and time)
         rms_rows = rms_versus_layer_norm(device, quick=args.quick)
         rms_table = format_rms_versus_layer_norm(rms_rows)

@@ -174,9 +174,11 @@ def measure_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, compile_backend: str = "inductor"):
-    """One row per (layer, shape) of ``LAYERS`` x ``SHAPES``: each variant's time, ratio to
-    native, saved bytes; ``log`` gets each row as a line (default: printed above the progress bar).
+def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, compile_backend: str = "inductor",
+                   layers=None):
+    """One row per (layer, shape) of ``layers`` (default ``LAYERS``) x ``SHAPES``: each variant's
+    time, ratio to native, saved bytes; ``log`` gets each row as a line (default: printed above
+    the progress bar).
 
     ``quick``: fewer and shorter timed blocks. ``compile`` (default: ``not quick``) adds the
     ``compiled`` variant, built with ``torch.compile(backend=compile_backend)``.
@@ -184,7 +186,8 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
     results = []
     repeats, min_time = (3, 0.01) if quick else (7, 0.2)
     compile = not quick if compile is None else compile
-    settings = [(layer, shape) for layer, shape in product(LAYERS, SHAPES) if applies(layer, shape[1])]
+    layers = LAYERS if layers is None else layers
+    settings = [(layer, shape) for layer, shape in product(layers, SHAPES) if applies(layer, shape[1])]
     settings = sweep(settings, f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
     for layer, (shape_name, shape) in settings:
         torch.manual_seed(0)

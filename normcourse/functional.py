@@ -309,11 +309,33 @@ def _layer_norm_forward(x, normalized_shape, weight, bias, eps):
     """Returns (out, mean, rstd); mean, rstd: x's shape with the normalized axes kept as 1."""
     centered, mean, var = _centered_moments(x, _normalized_dims(x, normalized_shape))
     rstd = torch.rsqrt(var + eps)
-    xhat = centered * rstd
     # rstd varies across rows and gamma, beta (shape normalized_shape) along them: they cannot be
-    # combined into one factor as in batch norm, so xhat is formed
+    # combined into one factor as in batch norm, so xhat is formed, in the centered x's memory
+    # unless autograd records the forward (the composition), which needs centered as it was
+    xhat = centered * rstd if torch.is_grad_enabled() else centered.mul_(rstd)
     out = _multiply_add(xhat, _cast(weight, xhat.dtype), _cast(bias, xhat.dtype))
     return _cast(out, x.dtype), mean, rstd
+
+
+def _row_norm_dx(centered, dy, gamma, sum_g, sum_g_xhat, rstd, n):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma, xhat = centered * rstd,
+    the means over the n values that share one mean and rstd (a row of layer norm, a group of
+    group norm).
+
+    sum_g, sum_g_xhat and rstd carry size-1 axes that broadcast against centered; gamma (None: 1)
+    broadcasts too. In a recorded backward pass (a second derivative) every step is a new tensor;
+    otherwise dx is built in place in centered's memory, a temporary of the caller's: four passes
+    and no new tensor of x's size. (No torch.addcmul with the per-row factors: on a CPU it is not
+    vectorized for such operands; a multiplication and an addition are several times faster.)
+    """
+    n = max(1, n)  # rows of no values
+    mean_g, xhat_factor = sum_g / n, sum_g_xhat * rstd / -n  # centered * xhat_factor = -xhat * mean(g xhat)
+    if torch.is_grad_enabled():
+        g = dy if gamma is None else dy * gamma
+        return (g - mean_g + centered * xhat_factor) * rstd
+    dx = centered.mul_(xhat_factor).sub_(mean_g)
+    dx = dx.add_(dy) if gamma is None else dx.addcmul_(dy, gamma)
+    return dx.mul_(rstd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,10 +347,10 @@ def _layer_norm_forward(x, normalized_shape, weight, bias, eps):
 # on its own temporaries, the recorded path cannot (autograd needs the values it saved).
 # --------------------------------------------------------------------------------------------
 def _statistics_for_backward(x, mean, invstd, eps, dims):
-    """The saved (mean, 1/sqrt(var + eps)), or, in a recorded backward pass, the same numbers
-    recomputed from x: the saved ones were computed outside autograd, and a second derivative
-    needs how they depend on x."""
-    if not torch.is_grad_enabled():
+    """The saved (mean, 1/sqrt(var + eps)), or, in a recorded backward pass or when none were
+    saved (mean None), the same numbers recomputed from x: the saved ones were computed outside
+    autograd, and a second derivative needs how they depend on x."""
+    if mean is not None and not torch.is_grad_enabled():
         return mean, invstd
     _, mean, var = _centered_moments(x, dims)
     return mean, torch.rsqrt(var + eps)
@@ -461,37 +483,34 @@ class LayerNormFunction(torch.autograd.Function):
         dims = _normalized_dims(x, ctx.normalized_shape)
         rows = tuple(range(x.ndim - k))
         mean, rstd = _statistics_for_backward(x, mean, rstd, ctx.eps, dims)
-        xhat = _cast(x, mean.dtype) - mean
-        xhat = xhat * rstd if torch.is_grad_enabled() else xhat.mul_(rstd)
-        dy = _cast(dy, xhat.dtype)
-        dy_xhat = dy * xhat  # needed by dgamma and by dx
-
-        def sum_over_rows(t):  # sum(dim=()) would sum everything, hence the guard
-            return t.sum(rows) if rows else t
+        centered = _cast(x, mean.dtype) - mean
+        dy = _cast(dy, centered.dtype)
+        # dy * xhat = (dy * (x - mean)) * rstd: the per-row rstd is applied to the sums below
+        # (matrix-vector products) instead of forming xhat, which saves a pass over the data
+        dy_centered = dy * centered
+        flat = lambda t: t.flatten(-k).flatten(0, -2) if rows else t.flatten().unsqueeze(0)  # noqa: E731 (rows, H)
 
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            h = max(1, math.prod(ctx.normalized_shape))  # max: rows of no values
-            if weight is None:
-                sum_g, sum_g_xhat = dy.sum(dims, keepdim=True), dy_xhat.sum(dims, keepdim=True)
-                g_centered = dy - sum_g / h
+            gamma = None if weight is None else _cast(weight, centered.dtype)
+            if gamma is None:
+                sum_g = dy.sum(dims, keepdim=True)
+                sum_g_xhat = dy_centered.sum(dims, keepdim=True) * rstd
             else:
                 # sum(g) and sum(g * xhat) per row, g = dy * gamma, as matrix-vector products
-                # with gamma: they read dy and dy * xhat once and store nothing
-                gamma = _cast(weight, xhat.dtype)
-                sum_g = (dy.flatten(-k) @ gamma.flatten()).view(rstd.shape)
-                sum_g_xhat = (dy_xhat.flatten(-k) @ gamma.flatten()).view(rstd.shape)
-                g_centered = torch.addcmul(sum_g / -h, dy, gamma)  # g - mean(g), one pass
-            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-            if torch.is_grad_enabled():  # recorded for a second derivative: no in-place
-                dx = torch.addcmul(g_centered, xhat, sum_g_xhat, value=-1.0 / h) * rstd
-            else:  # finished in place
-                dx = g_centered.addcmul_(xhat, sum_g_xhat, value=-1.0 / h).mul_(rstd)
+                # with gamma: they read dy and dy * (x - mean) once and store nothing
+                sum_g = (flat(dy) @ gamma.flatten()).view(rstd.shape)
+                sum_g_xhat = (flat(dy_centered) @ gamma.flatten()).view(rstd.shape) * rstd
+            dx = _row_norm_dx(centered, dy, gamma, sum_g, sum_g_xhat, rstd,
+                              math.prod(ctx.normalized_shape))
             dx = _cast(dx, ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
-            dweight = _cast(sum_over_rows(dy_xhat), weight.dtype)
+            # sum over the rows of dy * xhat: rstd (one number per row) times dy * (x - mean),
+            # as a matrix-vector product (torch.compile turns it into a fused sum)
+            dweight = (flat(dy_centered).t() @ rstd.flatten()).view(weight.shape)
+            dweight = _cast(dweight, weight.dtype)
         if ctx.needs_input_grad[3]:
-            dbias = _cast(sum_over_rows(dy), ctx.dtypes[1])
+            dbias = _cast(flat(dy).sum(0).view(ctx.normalized_shape), ctx.dtypes[1])
         return dx, None, dweight, dbias, None
 
 
@@ -585,78 +604,92 @@ def layer_norm_autograd(x, normalized_shape: int | Sequence[int], weight=None, b
 # Normalization without the batch (chapter 8): group norm, instance norm, RMSNorm, weight
 # standardization.
 #
-# Their backward passes are written with differentiable tensor operations and recompute the
-# statistics from the saved input (no @once_differentiable): autograd can differentiate the
-# backward itself, so double backward (gradient penalties, gradgradcheck) works. The price is
-# one more pass over x in the backward; the memory saved stays one tensor of x's size.
+# Their backward passes are written with differentiable tensor operations (no
+# @once_differentiable): autograd can differentiate the backward itself, so double backward
+# (gradient penalties, gradgradcheck) works. RMSNorm and weight standardization recompute their
+# statistics from the saved input (one more pass over x); group norm keeps mean and rstd per
+# group, as layer norm does, and recomputes them only in a recorded backward pass. The memory
+# saved stays one tensor of x's size.
 # --------------------------------------------------------------------------------------------
-def _group_normalize(x, num_groups: int, eps: float):
-    """Return (xhat, rstd) of x: (N, C, *) split into num_groups groups of consecutive channels.
-
-    xhat: (N, G, M) with M = C/G * prod(*), rstd: (N, G, 1); the statistics dtype (float32 for
-    half inputs). Differentiable: the Function's backward calls it again under autograd.
-    """
-    xg = x.reshape(x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)  # N may be 0
-    centered, _, var = _centered_moments(xg, (2,))
-    rstd = torch.rsqrt(var + eps)
-    return centered * rstd, rstd
+def _group_view(x, num_groups: int):
+    """x: (N, C, *) viewed as (N, G, C/G, L), L = prod(*): the statistics of one (example, group)
+    are over its two trailing axes, contiguous in memory, as a row of layer norm."""
+    return x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups, math.prod(x.shape[2:]))
 
 
 def _group_norm_forward(x, num_groups, weight, bias, eps):
-    """y = gamma * xhat + beta with per-group statistics and per-channel gamma, beta."""
-    xhat, _ = _group_normalize(x, num_groups, eps)
-    xhat = xhat.view(x.shape)
-    gamma = None if weight is None else _per_channel(_cast(weight, xhat.dtype), x)
-    beta = None if bias is None else _per_channel(_cast(bias, xhat.dtype), x)
-    return _cast(_multiply_add(xhat, gamma, beta), x.dtype)
+    """y = gamma * xhat + beta with per-group statistics and per-channel gamma, beta.
+
+    Returns (out, mean, rstd); mean, rstd: (N, G, 1, 1) in the statistics dtype. The factor
+    rstd * gamma is formed on the N * C numbers first, so y = (x - mean) * factor + beta.
+    """
+    xg = _group_view(x, num_groups)
+    centered, mean, var = _centered_moments(xg, (2, 3))
+    rstd = torch.rsqrt(var + eps)
+    per_channel = lambda v: _cast(v, rstd.dtype).view(num_groups, -1, 1)  # noqa: E731 (G, C/G, 1)
+    scale = rstd if weight is None else rstd * per_channel(weight)
+    out = _multiply_add(centered, scale, None if bias is None else per_channel(bias))
+    return _cast(out.view(x.shape), x.dtype), mean, rstd
 
 
-def _sum_except_channels(t):
-    """(N, C, *) -> (C,): what a per-channel gamma or beta collects."""
-    return t.sum(_reduce_dims(t))
-
-
-def _group_norm_backward(needs, dy, x, weight, bias_dtype, num_groups, eps):
+def _group_norm_backward(needs, dy, x, weight, mean, rstd, bias_dtype, num_groups, eps):
     """dx, dgamma, dbeta of group norm; per (example, group), with g = dy * gamma and means over
-    the group's M values: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))."""
-    xhat, rstd = _group_normalize(x, num_groups, eps)
-    dy = _cast(dy, xhat.dtype)
+    the group's M values: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+
+    Only two reductions read the large tensors: the sums of dy and dy * xhat over the positions
+    of each (example, channel). The group sums (for dx) and the sums over the batch (dgamma,
+    dbeta) are then taken on those N * C numbers.
+    """
+    xg = _group_view(x, num_groups)
+    mean, rstd = _statistics_for_backward(xg, mean, rstd, eps, (2, 3))  # mean None: not kept
+    centered = _cast(xg, mean.dtype) - mean
+    dy = _cast(dy, centered.dtype).reshape(centered.shape)
+    # (N, G, C/G, 1); one position per channel ((N, C) input): the sums are the values
+    per_position = (lambda t: t) if centered.shape[3] == 1 else (lambda t: t.sum(3, keepdim=True))
+    sum_dy = per_position(dy)
+    sum_dy_xhat = per_position(dy * centered) * rstd  # xhat = centered * rstd
     dx = dweight = dbias = None
     if needs[0]:
-        g = dy if weight is None else dy * _per_channel(_cast(weight, dy.dtype), x)
-        g = g.reshape(xhat.shape)
-        # in place on its own temporaries: fewer fresh tensors of x's size (each costs page
-        # faults on a CPU); autograd still differentiates every step
-        dx = (g - g.mean(2, keepdim=True)).addcmul_(xhat, (g * xhat).mean(2, keepdim=True),
-                                                    value=-1.0).mul_(rstd)
+        gamma = None if weight is None else _cast(weight, centered.dtype).view(num_groups, -1, 1)
+        sum_g = sum_dy if gamma is None else sum_dy * gamma
+        sum_g_xhat = sum_dy_xhat if gamma is None else sum_dy_xhat * gamma
+        dx = _row_norm_dx(centered, dy, gamma, sum_g.sum(2, keepdim=True),
+                          sum_g_xhat.sum(2, keepdim=True), rstd, math.prod(centered.shape[2:]))
         dx = _cast(dx.view(x.shape), x.dtype)
     if needs[1]:
-        dweight = _cast(_sum_except_channels(dy * xhat.view(x.shape)), weight.dtype)
+        dweight = _cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
     if needs[2]:
-        dbias = _cast(_sum_except_channels(dy), bias_dtype)
+        dbias = _cast(sum_dy.sum(0).flatten(), bias_dtype)
     return dx, dweight, dbias
 
 
 class GroupNormFunction(torch.autograd.Function):
     """Group norm (Wu & He 2018) with the closed-form backward. x: (N, C, *); weight, bias: (C,).
 
-    Saves x and gamma only; the backward recomputes the group statistics with differentiable
-    operations, so the backward is itself differentiable (double backward works).
+    Saves x, gamma, and mean and rstd per (example, group) (unless the groups hold at most two
+    values); the backward recomputes xhat from them. Recorded by autograd (create_graph=True),
+    the backward recomputes the statistics from x with differentiable operations, so the
+    backward is itself differentiable (double backward).
     """
 
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps):
-        ctx.save_for_backward(x, weight)
+        out, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps)
+        if 2 * mean.numel() >= x.numel():
+            # groups of one or two values: the statistics would take as much memory as x, so
+            # the backward recomputes them instead (a degenerate case; torch keeps them)
+            mean = rstd = None
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.num_groups, ctx.eps = num_groups, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _group_norm_forward(x, num_groups, weight, bias, eps)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         dx, dweight, dbias = _group_norm_backward(
-            needs, dy, x, weight, ctx.bias_dtype, ctx.num_groups, ctx.eps
+            needs, dy, x, weight, mean, rstd, ctx.bias_dtype, ctx.num_groups, ctx.eps
         )
         return dx, None, dweight, dbias, None
 
@@ -757,7 +790,7 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps=1e-5):
 def group_norm_autograd(x, num_groups: int, weight=None, bias=None, eps=1e-5):
     """Same as ``group_norm``, but autograd differentiates the forward composition."""
     check_group_norm_input(x, num_groups, weight, bias)
-    return _group_norm_forward(x, num_groups, weight, bias, eps)
+    return _group_norm_forward(x, num_groups, weight, bias, eps)[0]
 
 
 def check_instance_norm_input(x, running_mean, running_var, weight, bias, use_input_stats,
@@ -811,8 +844,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 def instance_norm_autograd(x, running_mean=None, running_var=None, weight=None, bias=None,
                            use_input_stats=True, momentum=0.1, eps=1e-5):
     """Same as ``instance_norm``, but autograd differentiates the forward composition."""
-    return _instance_norm(_group_norm_forward, x, running_mean, running_var, weight, bias,
-                          use_input_stats, momentum, eps)
+    return _instance_norm(lambda *args: _group_norm_forward(*args)[0], x, running_mean,
+                          running_var, weight, bias, use_input_stats, momentum, eps)
 
 
 def _rms_norm_args(x, normalized_shape, weight, eps, layer="rms_norm"):

@@ -121,6 +121,23 @@ def test_run_script_writes_json_table_and_plot(tiny_shapes, tmp_path, monkeypatc
         B.format_rms_versus_layer_norm(rms_rows)
 
 
+def test_run_script_measures_the_layers_asked_for(tiny_shapes, tmp_path, monkeypatch):
+    import json
+
+    run = load_run_script()
+    monkeypatch.setattr(run, "measure_bandwidth", lambda device: 1e9)
+    monkeypatch.setattr(run, "rms_versus_layer_norm", lambda device, quick: [])
+    run.main(["--quick", "--out", str(tmp_path), "--device", "cpu",
+              "--layers", "layer_norm,ws_conv", "--layers", "rms_norm"])
+    report = json.loads((tmp_path / "benchmark_cpu.json").read_text())
+    # in LAYERS' order; ws_conv only on the conv shape
+    assert [(r["layer"], r["shape"]) for r in report["results"]] == [
+        ("layer_norm", "fc 8x4"), ("layer_norm", "conv 2x3x2x2"),
+        ("rms_norm", "fc 8x4"), ("rms_norm", "conv 2x3x2x2"), ("ws_conv", "conv 2x3x2x2")]
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--out", str(tmp_path), "--layers", "layer_norm,nope"])
+
+
 def test_minimum_traffic_is_five_tensor_transfers():
     assert B.minimum_traffic_bytes(1000) == 5 * 1000 * 4
     assert B.minimum_traffic_bytes(1000, itemsize=2) == 5 * 1000 * 2

@@ -202,6 +202,44 @@ def test_composition_equals_function_layer_norm():
     assert_all_close((out, *grads), (out_a, *grads_a), torch.float64)
 
 
+@pytest.mark.parametrize("layer", ["layer_norm", "group_norm", "instance_norm"])
+def test_float32_rows_with_a_large_mean_are_as_accurate_as_torch(layer):
+    """Rows (groups) with a mean 1000 times their spread, in float32: the forward and every
+    gradient stay as close to the float64 truth (computed from the same float32 numbers) as
+    torch's own float32 kernels, up to the error that rounding the mean alone causes (one ulp of
+    1000 is 1000 * eps of the spread). The backward forms sum(dy * (x - mean)), not
+    sum(dy * x) - mean * sum(dy), whose cancellation would lose three digits more."""
+    gen = torch.Generator().manual_seed(11)
+    shape = (4, 8, 6, 5)
+    x32 = 1000.0 + torch.randn(shape, generator=gen)
+    w32, b32 = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+    g32 = torch.randn(shape, generator=gen)
+    if layer == "layer_norm":
+        w32, b32 = torch.rand(8, 6, 5, generator=gen) + 0.5, torch.randn(8, 6, 5, generator=gen)
+        ours, native = nf.layer_norm, F.layer_norm
+        args = ((8, 6, 5),)
+    elif layer == "group_norm":
+        ours, native, args = nf.group_norm, F.group_norm, (2,)
+    else:
+        ours = lambda x, w, b: nf.instance_norm(x, weight=w, bias=b)  # noqa: E731
+        native = lambda x, w, b: F.instance_norm(x, weight=w, bias=b)  # noqa: E731
+        args = ()
+
+    def run(fn, dtype):
+        x, w, b = (t.to(dtype).requires_grad_() for t in (x32, w32, b32))
+        out = fn(x, *args, w, b) if args else fn(x, w, b)
+        return (out.detach(), *torch.autograd.grad((out * g32.to(dtype)).sum(), (x, w, b)))
+
+    truth = run(native, torch.float64)
+    mean_rounding = torch.finfo(torch.float32).eps * 1000.0  # relative to the values' scale
+    for name, a, t, e in zip(("out", "dx", "dgamma", "dbeta"), run(ours, torch.float32),
+                             run(native, torch.float32), truth):
+        ours_error = (a.double() - e).abs().max().item()
+        torch_error = (t.double() - e).abs().max().item()
+        bound = 4 * max(torch_error, mean_rounding * e.abs().max().item())
+        assert ours_error <= bound, (name, ours_error, torch_error)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck (float64, finite differences against the closed-form backward)
 # ---------------------------------------------------------------------------------------------
