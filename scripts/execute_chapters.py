@@ -66,8 +66,10 @@ if package:
     data = str(default_cache_dir())
 print(json.dumps({
     "python": sys.version, "prefix": sys.prefix, "executable": sys.executable,
-    "distributions": sorted(f"{d.metadata['Name']}=={d.version}"
-                            for d in importlib.metadata.distributions()),
+    # a set: one distribution is listed once per path entry that finds it (an editable
+    # install is also found through PYTHONPATH=repo, which pytest sets and make book does not)
+    "distributions": sorted({f"{d.metadata['Name']}=={d.version}"
+                             for d in importlib.metadata.distributions()}),
     "package": package, "data": data,
 }))
 """

@@ -3,6 +3,7 @@ that the Sphinx build reads. Tiny throwaway books in a temporary folder, never t
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -262,6 +263,28 @@ def test_the_fingerprint_covers_every_file_of_the_package_the_kernel_imports(tmp
     (package / "nn.py").write_text("X = 1\n")
     assert fingerprint() == before
     assert fingerprint() != execute_chapters.environment_fingerprint(sys.executable, str(tmp_path))
+
+
+def test_the_fingerprint_does_not_depend_on_how_often_a_distribution_is_found(
+        tmp_path, monkeypatch):
+    # make book runs without PYTHONPATH, pytest with PYTHONPATH=repo, where the editable
+    # install's metadata is found a second time: the same distributions, the same fingerprint.
+    for folder in ("a", "b"):
+        info = tmp_path / folder / "demo_dist-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-dist\nVersion: 1.0\n")
+
+    def fingerprint(path):
+        monkeypatch.setenv("PYTHONPATH", path)
+        execute_chapters.environment_fingerprint.cache_clear()
+        return execute_chapters.environment_fingerprint(sys.executable, str(tmp_path))
+
+    once = fingerprint(str(tmp_path / "a"))
+    twice = fingerprint(os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert once == twice
+    (tmp_path / "b" / "demo_dist-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: demo-dist\nVersion: 2.0\n")
+    assert fingerprint(os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])) != once
 
 
 def test_a_failing_chapter_never_passes_through_the_cache(tmp_path):
