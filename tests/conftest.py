@@ -151,11 +151,11 @@ def load_execute_chapters():
 CACHED = "[execution cache]"  # the test id suffix of a chapter checked in the execution cache
 
 
-def cached_chapter_runs(root: Path, python: str | None) -> dict:
-    """chapter path -> (Chapter, cache record) for each chapter of the book at ``root`` whose
-    clean run in this environment is in the book's execution cache; see the module docstring."""
+def cached_chapter_runs(root: Path, settings, python: str | None) -> dict:
+    """chapter path -> (Chapter, cache record) for each chapter of the book at ``root`` (its
+    ``execute_chapters.read_settings``) whose clean run in this environment is in the book's
+    execution cache; see the module docstring."""
     execute_chapters = load_execute_chapters()
-    settings = execute_chapters.read_settings(root)
     if settings.mode != "cache" or not settings.cache.is_dir():
         return {}
     from jupyter_cache import get_cache
@@ -209,14 +209,14 @@ class BookChapters(pytest.File):
         python = (sys.executable if self.config.getoption("nbval_current_env")
                   else load_execute_chapters().kernel_python(kernel_name) if kernel_name
                   else None)
-        cached = cached_chapter_runs(REPO, python)
-        cache_path = load_execute_chapters().read_settings(REPO).cache
+        settings = load_execute_chapters().read_settings(REPO)
+        cached = cached_chapter_runs(REPO, settings, python)
         for path in CHAPTERS:
             if path.resolve() in cached:
                 chapter, record = cached[path.resolve()]
                 yield CachedChapterRun.from_parent(
                     self, name=f"{path.stem}{CACHED}", chapter=chapter, record=record,
-                    cache_path=cache_path)
+                    cache_path=settings.cache)
             else:
                 yield notebook_class.from_parent(self, path=path)
 
@@ -239,7 +239,6 @@ def pytest_pycollect_makemodule(module_path, parent):
     if module_path.name == NOTEBOOK_TESTS and module_path.parent == REPO / "tests":
         return BookChapters.from_parent(parent, path=module_path)
     return None
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,9 +208,10 @@ def cached_runs(root: Path) -> dict:
     """Chapter name -> the cache record the notebook tests would read, None where they execute."""
     from conftest import cached_chapter_runs
 
-    found = cached_chapter_runs(root, sys.executable)
+    settings = execute_chapters.read_settings(root)
+    found = cached_chapter_runs(root, settings, sys.executable)
     return {chapter.path.name: found.get(chapter.path.resolve(), (None, None))[1]
-            for chapter in execute_chapters.book_chapters(root, execute_chapters.read_settings(root))}
+            for chapter in execute_chapters.book_chapters(root, settings)}
 
 
 def test_a_chapter_is_read_from_the_cache_only_while_its_code_and_environment_are_unchanged(

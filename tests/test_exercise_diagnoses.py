@@ -259,10 +259,6 @@ def table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(table())
-
-
 def test_the_tasks_own_functions_run_once_per_case_and_an_answer_on_every_check():
     from normcourse.exercises.diagnosis import Case, Mistake, OutputTask
 
@@ -291,3 +287,7 @@ def test_the_tasks_own_functions_run_once_per_case_and_an_answer_on_every_check(
     other = Case("twos", lambda: {"x": np.full(3, 2.0)})
     task.run(task.correct, other), task.run(task.correct, other)
     assert calls["correct"] == 4
+
+
+if __name__ == "__main__":
+    print(table())

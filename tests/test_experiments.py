@@ -12,7 +12,7 @@ from normcourse.experiments import ch03_training_with_batch_norm as bt
 from normcourse.experiments import ch04_test_time_statistics as tt
 from normcourse.experiments import runner
 from normcourse.models import mlp
-from normcourse.nn import BatchRenorm1d, renorm_schedule
+from normcourse.nn import REFERENCE_RUN_STEPS, BatchRenorm1d, BatchRenorm2d, renorm_schedule
 from normcourse.utils import restoring_modes, seed_everything
 
 torch.set_num_threads(1)
@@ -107,6 +107,14 @@ def test_sweep_runs_the_settings_in_order_and_keys_the_results():
     assert runner.sweep(run, [("x", {"a": 1}), ("y", {"a": 2, "b": 5})]) == {"x": 10, "y": 25}
     assert runner.sweep(run, {("z", 1): {"a": 3}}) == {("z", 1): 30}
     assert calls == [(1, 0), (2, 5), (3, 0)]
+
+
+def test_the_renorm_layers_default_to_the_paper_schedule_that_renorm_schedule_scales():
+    # the paper's numbers are written twice in normcourse/nn.py: as the layers' defaults and as
+    # PAPER_SCHEDULE; unscaled, the schedule must be exactly those defaults
+    schedule = renorm_schedule(REFERENCE_RUN_STEPS)
+    for layer in (BatchRenorm1d(4), BatchRenorm2d(4)):
+        assert {name: getattr(layer, name) for name in schedule} == schedule
 
 
 def test_train_norms_wires_the_scaled_renorm_schedule_and_fresh_samplers():
