@@ -42,7 +42,7 @@ help:
 	@echo "make book       build the book into _build/html (sets up .venv first)"
 	@echo "make test       build the book, then run all tests"
 	@echo "make lab        open the course in JupyterLab"
-	@echo "make benchmark  run benchmarks/run.py"
+	@echo "make benchmark  run benchmarks/run.py and benchmarks/compiled.py"
 	@echo "make clean      remove _build;  make distclean: also .venv and .local"
 
 venv: $(STAMP)
@@ -91,6 +91,7 @@ lab: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/compiled.py
 
 clean:
 	rm -rf _build

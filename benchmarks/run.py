@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ matplotlib.use("Agg")  # files only: no window
 from normcourse.benchmarking import (
     LAYERS,
     benchmark_devices,
+    cpu_name,
     format_rms_versus_layer_norm,
     markdown_table,
     measure_bandwidth,
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in devices:
         device = torch.device(name)
-        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+        machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
         bandwidth = measure_bandwidth(device)
         print(f"# {name}: {machine}, {args.threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
         results = run_benchmarks(device, args.quick, layers=layers)

@@ -166,12 +166,36 @@ def benchmark_devices(requested=None) -> tuple[list[str], str]:
     return ["cpu"], "no CUDA device found: CPU only (on a GPU machine the same run adds CUDA)"
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure_bandwidth(device) -> float:
     """Bytes per second of a large tensor copy (read + write): the ceiling a memory-bound op meets."""
     src = torch.randn(32 * 1024 * 1024 // 4 * 8, device=device)  # 32 MiB x 8 = 256 MiB
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), device, repeats=5, min_time=0.2)
     return 2 * src.numel() * src.element_size() / t
+
+
+def variant_runs(layer: str, shape, device, compile_backend: str | None = "inductor"):
+    """``{variant: run}`` for one layer and shape (``make_cases``), plus ``compiled``: the
+    Function under a fresh ``torch.compile(backend=compile_backend)`` (None: no compiled run)."""
+    torch.manual_seed(0)
+    cases, ours, step = make_cases(layer, shape, device)
+    if compile_backend is not None:
+        torch._dynamo.reset()  # a fresh compilation for every case, no recompile limits
+        cases["compiled"] = step(torch.compile(ours, dynamic=False, backend=compile_backend))
+    return cases
 
 
 def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, compile_backend: str = "inductor",
@@ -190,12 +214,7 @@ def run_benchmarks(device, quick: bool, log=write, compile: bool | None = None, 
     settings = [(layer, shape) for layer, shape in product(layers, SHAPES) if applies(layer, shape[1])]
     settings = sweep(settings, f"benchmark {device}", lambda s: f"{s[0]} {s[1][0]}")
     for layer, (shape_name, shape) in settings:
-        torch.manual_seed(0)
-        cases, ours, step = make_cases(layer, shape, device)
-        if compile:
-            torch._dynamo.reset()  # a fresh compilation for every case, no recompile limits
-            compiled = torch.compile(ours, dynamic=False, backend=compile_backend)
-            cases["compiled"] = step(compiled)
+        cases = variant_runs(layer, shape, device, compile_backend if compile else None)
         row = {"layer": layer, "shape": shape_name, "elements": math.prod(shape)}
         if layer in MEMORY_BOUND:
             row["copy_seconds"] = copy_seconds(minimum_traffic_bytes(row["elements"]), device,
@@ -241,6 +260,54 @@ def markdown_table(results) -> str:
         fractions = "".join(f" | {r[v]['copy_fraction']:.2f}" if "copy_fraction" in r[v]
                             else " | -" for v in bandwidth)
         lines.append(f"| {r['layer']} | {r['shape']} | {times} | {mems}{fractions} |")
+    return "\n".join(lines) + "\n"
+
+
+# The smallest input of a fixed cost measurement: a call with (almost) no data to move.
+FLOOR_SHAPE = (2, 4)
+
+
+def fixed_cost_per_call(device, layers=("batch_norm", "layer_norm"), shape=(256, 512),
+                        rounds: int = 21, quick: bool = False, compile_backend: str = "inductor"):
+    """Each variant's time per call on a ``FLOOR_SHAPE`` input next to its time on ``shape``.
+
+    On the tiny input the time is the fixed cost of a call, whatever the data: Python, dispatch,
+    autograd's bookkeeping and, compiled, the guard check and the wrappers around the generated
+    code. Measured side by side: short timed blocks of every variant on both shapes take turns,
+    ``rounds`` times, and each time is the fastest round's. (A busy or shared machine only ever
+    adds time, in bursts longer than one block, so the fastest round is the closest to the cost
+    itself.) Returns one row per layer, ``{"layer", "shape", "variants": {variant:
+    {"floor_seconds", "seconds"}}}``.
+    """
+    min_time = 0.01 if quick else 0.05
+    rows = []
+    for layer in layers:
+        runs = {}
+        for key, size in (("floor_seconds", FLOOR_SHAPE), ("seconds", shape)):
+            for variant, run in variant_runs(layer, size, device, compile_backend).items():
+                if variant != "autograd":
+                    runs[variant, key] = run
+        samples = {k: [] for k in runs}
+        for _ in range(rounds):
+            for k, run in runs.items():
+                samples[k].append(median_time(run, device, 1, min_time))
+        variants = {}
+        for (variant, key), times in samples.items():
+            variants.setdefault(variant, {})[key] = min(times)
+        rows.append({"layer": layer, "shape": "x".join(map(str, shape)), "variants": variants})
+    return rows
+
+
+def format_fixed_cost(rows) -> str:
+    """``fixed_cost_per_call``'s rows as aligned text: each variant's time on the tiny input,
+    on the measured shape, and the difference (the part that grows with the data), in us."""
+    lines = [f"{'layer':<11} {'shape':<8} {'variant':<9} {'2x4 (fixed)':>11} {'shape':>8} "
+             f"{'shape - fixed':>13}   (microseconds per forward+backward)"]
+    for r in rows:
+        for variant, t in r["variants"].items():
+            fixed, whole = t["floor_seconds"] * 1e6, t["seconds"] * 1e6
+            lines.append(f"{r['layer']:<11} {r['shape']:<8} {variant:<9} {fixed:11.0f} "
+                         f"{whole:8.0f} {whole - fixed:13.0f}")
     return "\n".join(lines) + "\n"
 
 
