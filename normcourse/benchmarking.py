@@ -24,6 +24,7 @@ limit. The same code runs on any device: ``benchmark_devices()`` adds CUDA when 
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import time
 from itertools import product
@@ -168,8 +169,6 @@ def benchmark_devices(requested=None) -> tuple[list[str], str]:
 
 def cpu_name() -> str:
     """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    import platform
-
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -301,7 +300,8 @@ def fixed_cost_per_call(device, layers=("batch_norm", "layer_norm"), shape=(256,
 def format_fixed_cost(rows) -> str:
     """``fixed_cost_per_call``'s rows as aligned text: each variant's time on the tiny input,
     on the measured shape, and the difference (the part that grows with the data), in us."""
-    lines = [f"{'layer':<11} {'shape':<8} {'variant':<9} {'2x4 (fixed)':>11} {'shape':>8} "
+    floor = "x".join(map(str, FLOOR_SHAPE)) + " (fixed)"
+    lines = [f"{'layer':<11} {'shape':<8} {'variant':<9} {floor:>11} {'shape':>8} "
              f"{'shape - fixed':>13}   (microseconds per forward+backward)"]
     for r in rows:
         for variant, t in r["variants"].items():

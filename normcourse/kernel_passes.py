@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normcourse.benchmarking import make_cases
+from normcourse.benchmarking import variant_runs
 
 # `for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(4096L); x1+=static_cast<int64_t>(8L))`
 _FOR = re.compile(r"for\s*\(\s*int64_t\s+(\w+)\s*=\s*static_cast<int64_t>\((-?\d+)L\);\s*\1\s*<\s*"
@@ -132,7 +132,7 @@ def compiled_passes(run, numel: int) -> list[Pass]:
     for number, source in enumerate(sources):
         direction = "forward" if number == 0 else "backward"
         for body in _kernel_bodies(source):
-            passes += [p for p in memory_passes(body, numel, direction) if p.loops]
+            passes += memory_passes(body, numel, direction)
     return passes
 
 
@@ -144,8 +144,6 @@ def tensor_transfers(passes) -> int:
 
 def layer_passes(layer: str, shape) -> list[Pass]:
     """The passes of the compiled closed-form Function for one of the benchmark's layers and
-    shapes (``normcourse.benchmarking.make_cases``), on the CPU, forward then backward."""
-    torch.manual_seed(0)
-    _, ours, step = make_cases(layer, shape, torch.device("cpu"))
-    torch._dynamo.reset()
-    return compiled_passes(step(torch.compile(ours, dynamic=False)), math.prod(shape))
+    shapes (the benchmark's ``compiled`` run), on the CPU, forward then backward."""
+    run = variant_runs(layer, shape, torch.device("cpu"))["compiled"]
+    return compiled_passes(run, math.prod(shape))
