@@ -68,10 +68,13 @@ BOOK_OK := _build/.book-built-cleanly
 # Before Sphinx reads the pages, scripts/execute_chapters.py executes every chapter that is not
 # in the execution cache, BOOK_JOBS chapters at once (default: one per core), into the cache the
 # build reads; Sphinx then executes nothing. A failing cell fails here, naming chapter and cell.
+# A chapter executed again with unchanged code (the package or the environment changed) has
+# new outputs that Sphinx, which re-reads only edited pages, would not pick up: re-read them all.
 BOOK_JOBS ?=
 book: export NORMCOURSE_PROGRESS := 0
 book: $(STAMP)
-	@if [ -f $(BOOK_OK) ]; then all=; else all=--all; fi; \
+	@if [ -f $(BOOK_OK) ] && [ -z "$$($(BIN)/python scripts/execute_chapters.py --list)" ]; \
+	then all=; else all=--all; fi; \
 	rm -f $(BOOK_OK); \
 	echo "$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS))"; \
 	$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS)); \

@@ -2,7 +2,7 @@
 
 `make book` runs this before `jupyter-book build`. Jupyter Book executes the chapters one after
 another (`execute_notebooks: cache` in _config.yml); this script executes every chapter whose
-code is not yet in the cache, one kernel per chapter and as many at once as the machine has
+code is not yet in the cache (or was run there in another environment: see below), one kernel per chapter and as many at once as the machine has
 cores (each kernel runs on one thread: the Makefile exports OMP_NUM_THREADS=1), and stores the
 executed notebooks in the same jupyter-cache (_build/.jupyter_cache). The Sphinx build then finds
 every chapter cached and executes none. Nothing changed, nothing runs: a chapter is matched to
@@ -21,9 +21,11 @@ do).
 
 Each cached chapter also records the environment it ran in (`environment_fingerprint`: the
 kernel's Python and installed distributions, every file of the course package it imports, the
-MNIST files it finds, the thread settings). jupyter-cache's key is the code cells alone, so
-tests/test_notebooks.py trusts a cached run (`cached_run`, checked by `execution_problems`)
-instead of executing the chapter again only when that fingerprint is still the current one.
+MNIST files it finds, the thread settings). jupyter-cache's key is the code cells alone, so a
+cached run counts (`cached_run`) only while that fingerprint is still the current one: this
+script executes the chapter again otherwise (an edited package changes what the chapters print),
+and tests/test_notebooks.py checks the cached run (`execution_problems`) instead of executing
+the chapter only then.
 
     python scripts/execute_chapters.py [--root .] [--jobs N] [--list]
 """
@@ -167,8 +169,13 @@ def book_chapters(root: Path, settings: ExecutionSettings) -> list[Chapter]:
     return [chapter for chapter in chapters if chapter is not None]
 
 
-def stale_chapters(chapters: list[Chapter], cache) -> list[Chapter]:
-    """The chapters whose code is not in the cache, longest expected run first."""
+def stale_chapters(chapters: list[Chapter], cache, settings: ExecutionSettings) -> list[Chapter]:
+    """The chapters without a run of their current code in the current environment in the cache
+    (``cached_run``), longest expected run first.
+
+    The environment counts too: the Sphinx build matches a page by its code alone, so after an
+    edit to the package a chapter whose code is unchanged would otherwise be shown with the
+    outputs of the old package."""
     seconds_by_uri: dict[str, float] = {}
     for record in sorted(cache.list_cache_records(), key=lambda r: r.created):
         seconds = (record.data or {}).get("execution_seconds")
@@ -176,9 +183,7 @@ def stale_chapters(chapters: list[Chapter], cache) -> list[Chapter]:
             seconds_by_uri[str(Path(record.uri).resolve())] = float(seconds)
     stale = []
     for chapter in chapters:
-        try:
-            cache.match_cache_notebook(chapter.notebook)
-        except KeyError:
+        if cached_run(chapter, settings, cache) is None:
             # A chapter never timed (new, or its cache was removed) ranks by its size: 1 s per kB.
             size_guess = chapter.path.stat().st_size / 1e3
             chapter.expected_seconds = seconds_by_uri.get(str(chapter.path.resolve()), size_guess)
@@ -358,7 +363,7 @@ def run(root: Path, jobs: int | None = None, log=print) -> list[Outcome]:
         return []
     chapters = book_chapters(root, settings)
     cache = get_cache(str(settings.cache))
-    stale = stale_chapters(chapters, cache)
+    stale = stale_chapters(chapters, cache, settings)
     if not stale:
         log(f"all {len(chapters)} chapters are in the execution cache: nothing to execute")
         return []
@@ -412,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = read_settings(root)
         from jupyter_cache import get_cache
 
-        for chapter in stale_chapters(book_chapters(root, settings), get_cache(str(settings.cache))):
+        for chapter in stale_chapters(book_chapters(root, settings), get_cache(str(settings.cache)),
+                                      settings):
             print(_relative(chapter.path, root))
         return 0
     failures = [o for o in run(root, options.jobs) if o.error is not None]

@@ -117,7 +117,7 @@ def test_the_chapters_are_the_notebook_pages_of_the_table_of_contents(tmp_path):
         execute_chapters.toc_pages(root)
 
 
-def test_stale_chapters_run_once_and_a_warm_run_executes_nothing(tmp_path):
+def test_stale_chapters_run_once_and_a_warm_run_executes_nothing(tmp_path, monkeypatch, capsys):
     root = make_book(tmp_path, {"a": page("print('a')"), "b": page("print('b')")})
     outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
     assert sorted(o.path.name for o in outcomes) == ["a.md", "b.md"]
@@ -134,6 +134,21 @@ def test_stale_chapters_run_once_and_a_warm_run_executes_nothing(tmp_path):
     (root / "b.md").write_text(page("print('b, changed')"))
     outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
     assert [o.path.name for o in outcomes] == ["b.md"]
+
+    # A changed environment (here a NORMCOURSE_ variable; an edited package file the same way)
+    # makes every chapter stale although its code is the same: the cached outputs came from
+    # what is no longer there. --list names them (make book then has Sphinx re-read every page).
+    monkeypatch.setenv("NORMCOURSE_DATA", str(tmp_path / "elsewhere"))
+    execute_chapters.environment_fingerprint.cache_clear()
+    capsys.readouterr()
+    assert execute_chapters.main(["--root", str(root), "--list"]) == 0
+    assert sorted(capsys.readouterr().out.split()) == ["a.md", "b.md"]
+    outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
+    assert sorted(o.path.name for o in outcomes) == ["a.md", "b.md"]
+    assert execute_chapters.run(root, jobs=2, log=lambda *_: None) == []
+    assert len(cache_of(root).list_cache_records()) == 3  # a, b and the b of before its edit
+    monkeypatch.delenv("NORMCOURSE_DATA")
+    execute_chapters.environment_fingerprint.cache_clear()
 
 
 def test_a_chapter_added_to_the_table_of_contents_is_picked_up(tmp_path, capsys):
