@@ -12,6 +12,8 @@ import ast
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -166,6 +168,45 @@ def test_chapter_lookup_takes_numbers_keys_slugs_and_task_ids_and_names_the_chap
     for key in (11, "nope"):  # no chapter 11
         with pytest.raises(ValueError, match=f"unknown chapter {key!r}; choose one of 1, 2"):
             chapter(key)
+
+
+def test_the_notebook_runner_starts_without_torch_and_still_validates_notebooks(tmp_path):
+    # The runner starts before every graded notebook's kernel: it reads verdicts and runs
+    # nbclient, and must not spend seconds loading torch or jsonschema's "iri" parsers first.
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+                               "cells": [{"cell_type": "code", "source": "1", "id": "a",
+                                          "metadata": {}, "execution_count": None}]}))
+    probe = (
+        "import sys, json\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from normcourse.exercises import notebook_run\n"
+        "notebook_run._skip_slow_iri_format_checker()\n"
+        "import nbformat, nbclient\n"
+        "from normcourse.exercises.result_format import RESULT_MIME\n"
+        "try:\n"
+        f"    nbformat.validate(nbformat.read({str(bad)!r}, as_version=4))\n"
+        "    invalid = None\n"
+        "except nbformat.ValidationError as error:\n"
+        "    invalid = str(error).splitlines()[0]\n"
+        "print(json.dumps({'loaded': sorted(m for m in ('torch', 'rfc3987_syntax', "
+        "'normcourse.exercises.checks') if sys.modules.get(m)), 'invalid': invalid}))\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["loaded"] == []
+    # nbformat still validates against its schema (the code cell has no outputs)
+    assert result["invalid"] == "'outputs' is a required property"
+
+
+def test_the_package_names_its_checks_on_first_use():
+    import normcourse.exercises as exercises
+
+    assert exercises.check is check and exercises.TASKS is TASKS
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        exercises.nothing  # noqa: B018
 
 
 def test_grader_names_a_notebook_of_no_chapter(tmp_path):

@@ -14,10 +14,22 @@ Modules, one job each (arrows point down): ``commands`` (what each shell command
 ``nbgrader_source``, notebooks in nbgrader's format), ``instructors`` (the instructor page),
 ``notebooks`` (student versions) -> ``checks`` (``check``, ``check_answer``) -> ``catalog`` (chapters, tasks, points, written
 questions, prerequisites) -> ``tasks.chNN_topic`` (each chapter's tasks and known mistakes) ->
-``diagnosis`` (the checking machinery).
+``diagnosis`` (the checking machinery); ``result_format`` (the verdicts' MIME type) imports nothing.
 """
 
-from normcourse.exercises.catalog import TASKS
-from normcourse.exercises.checks import RESULTS, check, check_answer
-
 __all__ = ["check", "check_answer", "TASKS", "RESULTS"]
+
+
+def __getattr__(name: str):
+    """``check``, ``check_answer``, ``RESULTS`` and ``TASKS``, imported on first use: importing a
+    submodule imports this package first, and the grader's notebook runner (``notebook_run``)
+    would otherwise load torch, which only the checks need, before each notebook's kernel."""
+    if name == "TASKS":
+        from normcourse.exercises.catalog import TASKS
+
+        return TASKS
+    if name in ("check", "check_answer", "RESULTS"):
+        from normcourse.exercises import checks
+
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from normcourse.exercises.catalog import task
 from normcourse.exercises.diagnosis import Result
+from normcourse.exercises.result_format import RESULT_MIME
 
 __all__ = ["RESULTS", "RESULT_MIME", "check", "check_answer"]
-
-RESULT_MIME = "application/vnd.normcourse.result+json"
 
 # Results of this session's check() calls, latest per task.
 RESULTS: dict[str, Result] = {}

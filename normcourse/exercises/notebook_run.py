@@ -43,12 +43,25 @@ def _client_class():
     return CappedClient
 
 
+def _skip_slow_iri_format_checker() -> None:
+    """Have jsonschema, which nbformat imports, leave out its "iri" format checker.
+
+    With the rfc3987-syntax package installed (jsonschema's format-nongpl extra pulls it in),
+    ``import jsonschema`` builds some 35 Earley parsers for that one format: 1 to 3 s in every
+    graded notebook's runner, for a format that no notebook schema uses
+    (python-jsonschema/jsonschema#1428). A module marked missing in ``sys.modules`` fails to
+    import, and jsonschema then skips that checker, as it does when the package is absent.
+    """
+    sys.modules.setdefault("rfc3987_syntax", None)
+
+
 def run(path: str, timeout: int, output_cap: int) -> dict:
     """Execute the notebook at ``path``; return what the grader's report needs from the run."""
+    _skip_slow_iri_format_checker()
     import nbformat
     from nbclient.exceptions import DeadKernelError
 
-    from normcourse.exercises.checks import RESULT_MIME
+    from normcourse.exercises.result_format import RESULT_MIME
 
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:  # stored outputs are the student's, not this run's

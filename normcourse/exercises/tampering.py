@@ -126,7 +126,7 @@ def reference_flags(trees, functions: dict[str, str]) -> dict[str, str]:
 
 def claimed_passes(notebook) -> set[str]:
     """Task ids whose stored outputs in the submitted file show a PASS verdict."""
-    from normcourse.exercises.checks import RESULT_MIME
+    from normcourse.exercises.result_format import RESULT_MIME
 
     claimed = set()
     for cell in notebook.cells:
