@@ -69,15 +69,19 @@ BOOK_OK := _build/.book-built-cleanly
 # in the execution cache, BOOK_JOBS chapters at once (default: one per core), into the cache the
 # build reads; Sphinx then executes nothing. A failing cell fails here, naming chapter and cell.
 # A chapter executed again with unchanged code (the package or the environment changed) has
-# new outputs that Sphinx, which re-reads only edited pages, would not pick up: re-read them all.
+# new outputs that Sphinx, which re-reads only edited pages, would not pick up: after any chapter
+# ran (the script lists them in EXECUTED), Sphinx re-reads them all.
 BOOK_JOBS ?=
+EXECUTED := _build/.executed-chapters
 book: export NORMCOURSE_PROGRESS := 0
 book: $(STAMP)
-	@if [ -f $(BOOK_OK) ] && [ -z "$$($(BIN)/python scripts/execute_chapters.py --list)" ]; \
-	then all=; else all=--all; fi; \
+	@if [ -f $(BOOK_OK) ]; then all=; else all=--all; fi; \
 	rm -f $(BOOK_OK); \
-	echo "$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS))"; \
-	$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS)); \
+	mkdir -p _build; \
+	echo "$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS) )--executed-list $(EXECUTED)"; \
+	$(BIN)/python scripts/execute_chapters.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS)) \
+	  --executed-list $(EXECUTED); \
+	if [ -s $(EXECUTED) ]; then all=--all; fi; \
 	echo "$(BIN)/jupyter-book build . -W -n --keep-going $$all"; \
 	$(BIN)/jupyter-book build . -W -n --keep-going $$all; \
 	touch $(BOOK_OK)

@@ -2,8 +2,8 @@
 
 `make book` runs this before `jupyter-book build`. Jupyter Book executes the chapters one after
 another (`execute_notebooks: cache` in _config.yml); this script executes every chapter whose
-code is not yet in the cache (or was run there in another environment: see below), one kernel per chapter and as many at once as the machine has
-cores (each kernel runs on one thread: the Makefile exports OMP_NUM_THREADS=1), and stores the
+code is not yet in the cache, or was run there in another environment (see below), one kernel
+per chapter and as many at once as the machine has cores (each kernel runs on one thread: the Makefile exports OMP_NUM_THREADS=1), and stores the
 executed notebooks in the same jupyter-cache (_build/.jupyter_cache). The Sphinx build then finds
 every chapter cached and executes none. Nothing changed, nothing runs: a chapter is matched to
 the cache by the hash of its code cells, exactly as myst-nb matches it (myst-nb's own reader
@@ -27,7 +27,7 @@ script executes the chapter again otherwise (an edited package changes what the 
 and tests/test_notebooks.py checks the cached run (`execution_problems`) instead of executing
 the chapter only then.
 
-    python scripts/execute_chapters.py [--root .] [--jobs N] [--list]
+    python scripts/execute_chapters.py [--root .] [--jobs N] [--list] [--executed-list FILE]
 """
 
 from __future__ import annotations
@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="chapters executed at once (default: the number of cores)")
     parser.add_argument("--list", action="store_true",
                         help="print the chapters that would be executed, execute nothing")
+    parser.add_argument("--executed-list", metavar="FILE", default=None,
+                        help="write the chapters this run executed to FILE, one per line "
+                             "(empty: none), for make book to tell Sphinx to re-read the pages")
     options = parser.parse_args(argv)
     root = Path(options.root)
     if options.list:
@@ -421,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
                                       settings):
             print(_relative(chapter.path, root))
         return 0
-    failures = [o for o in run(root, options.jobs) if o.error is not None]
+    outcomes = run(root, options.jobs)
+    if options.executed_list:
+        Path(options.executed_list).write_text(
+            "".join(f"{_relative(o.path, root)}\n" for o in outcomes if o.error is None))
+    failures = [o for o in outcomes if o.error is not None]
     for outcome in failures:
         print(f"\n{outcome.traceback}", file=sys.stderr)
     for outcome in failures:

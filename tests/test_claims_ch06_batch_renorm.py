@@ -3,10 +3,10 @@ functions the chapter plots (``normcourse.experiments.ch06_batch_renorm``).
 
 The fast tests are exact facts. The ``slow`` tests train small models over three seeds and require
 each claim on every seed plus a margin on the mean (at batch 4, on a majority of the seeds: see
-that test); they run once per data source (``claims_mnist``
-in conftest.py: the embedded subset always, full MNIST when it is available, else a skip that says
-why). Runs shared with the other chapters' claim tests come from ``claim_runs.py``. The measured
-numbers are printed (``pytest -s``).
+that test); they run once per data source (``claims_mnist`` in conftest.py: the embedded subset
+always, full MNIST when it is available, else a skip that says why). Runs shared with the other
+chapters' claim tests come from ``claim_runs.py``. The measured numbers are printed
+(``pytest -s``).
 """
 
 from __future__ import annotations

@@ -137,15 +137,18 @@ def test_stale_chapters_run_once_and_a_warm_run_executes_nothing(tmp_path, monke
 
     # A changed environment (here a NORMCOURSE_ variable; an edited package file the same way)
     # makes every chapter stale although its code is the same: the cached outputs came from
-    # what is no longer there. --list names them (make book then has Sphinx re-read every page).
+    # what is no longer there. --list names them; --executed-list tells make book that they ran
+    # (it then has Sphinx re-read every page), and is empty when nothing ran.
     monkeypatch.setenv("NORMCOURSE_DATA", str(tmp_path / "elsewhere"))
     execute_chapters.environment_fingerprint.cache_clear()
     capsys.readouterr()
     assert execute_chapters.main(["--root", str(root), "--list"]) == 0
     assert sorted(capsys.readouterr().out.split()) == ["a.md", "b.md"]
-    outcomes = execute_chapters.run(root, jobs=2, log=lambda *_: None)
-    assert sorted(o.path.name for o in outcomes) == ["a.md", "b.md"]
-    assert execute_chapters.run(root, jobs=2, log=lambda *_: None) == []
+    executed = tmp_path / "executed.txt"
+    assert execute_chapters.main(["--root", str(root), "--executed-list", str(executed)]) == 0
+    assert sorted(executed.read_text().split()) == ["a.md", "b.md"]
+    assert execute_chapters.main(["--root", str(root), "--executed-list", str(executed)]) == 0
+    assert executed.read_text() == ""
     assert len(cache_of(root).list_cache_records()) == 3  # a, b and the b of before its edit
     monkeypatch.delenv("NORMCOURSE_DATA")
     execute_chapters.environment_fingerprint.cache_clear()

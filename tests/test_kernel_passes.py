@@ -21,8 +21,9 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 # inductor builds its C++ with $CXX if set, else g++ or clang++; without one there is nothing
 # to count
+COMPILERS = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
 needs_cxx = pytest.mark.skipif(
-    not any(shutil.which(c) for c in ([os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"])),
+    not any(shutil.which(c) for c in COMPILERS),
     reason="torch.compile's inductor backend needs a C++ compiler (g++ or clang++, or $CXX); none found")
 
 # Two nests in inductor's style: a column reduction (per-channel results only) and an
