@@ -46,6 +46,7 @@ def test_sweep_yields_every_setting_in_order():
 
 
 def test_text_bar_only_when_someone_watches(monkeypatch):
+    monkeypatch.delenv(progress.ENV_VAR, raising=False)  # whatever the caller's shell sets
     # A stream that is not a terminal (a log file, pytest's capture) gets nothing.
     log = io.StringIO()
     with progress_bar(range(3), file=log) as bar:
