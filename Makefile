@@ -42,7 +42,7 @@ help:
 	@echo "make book       build the book into _build/html (sets up .venv first)"
 	@echo "make test       build the book, then run all tests"
 	@echo "make lab        open the course in JupyterLab"
-	@echo "make benchmark  run benchmarks/run.py and benchmarks/compiled.py"
+	@echo "make benchmark  run benchmarks/run.py, compiled.py and page_faults.py"
 	@echo "make clean      remove _build;  make distclean: also .venv and .local"
 
 venv: $(STAMP)
@@ -99,6 +99,7 @@ lab: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/compiled.py
+	$(BIN)/python benchmarks/page_faults.py
 
 clean:
 	rm -rf _build

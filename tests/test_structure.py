@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("normcourse.reference", "normcourse.functional", "normcourse.gradcheck"),
     ("normcourse.nn", "normcourse.sync_batch_norm"),
     ("normcourse.models", "normcourse.recurrent", "normcourse.benchmarking",
-     "normcourse.kernel_passes", "normcourse.figures"),
+     "normcourse.kernel_passes", "normcourse.page_faults", "normcourse.figures"),
     ("normcourse.train", "normcourse.distributed", "normcourse.landscape"),
     ("normcourse.experiments", "normcourse.experiments.runner"),
     (r"normcourse.experiments.ch\d\d_\w+",),
