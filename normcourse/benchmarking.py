@@ -117,6 +117,20 @@ def saved_bytes(run) -> int:
     return total
 
 
+def calls_per_block(run, min_time: float, clock=time.process_time, sync=lambda: None) -> int:
+    """Warm ``run`` up (three calls: first-call costs, caches, the allocator's heap), then count
+    the calls that fill ``min_time`` seconds of ``clock``: the size of one timed block."""
+    for _ in range(3):
+        run()
+    sync()
+    calls, t0 = 0, clock()
+    while clock() - t0 < min_time:
+        run()
+        calls += 1
+    sync()
+    return calls
+
+
 def median_time(run, device, repeats: int, min_time: float) -> float:
     """Median seconds per call over ``repeats`` timed blocks of enough calls to last ``min_time``.
 
@@ -127,14 +141,7 @@ def median_time(run, device, repeats: int, min_time: float) -> float:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     clock = time.perf_counter if cuda else time.process_time
-    for _ in range(3):
-        run()
-    sync()
-    calls, t0 = 0, clock()
-    while clock() - t0 < min_time:
-        run()
-        calls += 1
-    sync()
+    calls = calls_per_block(run, min_time, clock, sync)
     samples = []
     for _ in range(repeats):
         sync()

@@ -20,6 +20,8 @@ import platform
 import statistics
 import time
 
+from normcourse.benchmarking import calls_per_block
+
 # glibc tunables that keep freed memory in the process: never trim the heap, and serve every
 # block below 32 MiB from the heap (not from mmap, whose blocks go back to the system when freed).
 KEEP_FREED_MEMORY = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=33554432"
@@ -42,12 +44,7 @@ def os_cost_per_call(run, blocks: int = 5, min_time: float = 0.2) -> dict[str, f
     """
     import resource  # not on Windows
 
-    for _ in range(3):  # warm-up: first-call costs, and the heap grows to its working size
-        run()
-    calls, start = 0, time.process_time()
-    while time.process_time() - start < min_time:
-        run()
-        calls += 1
+    calls = calls_per_block(run, min_time)
     samples = []
     for _ in range(blocks):
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()

@@ -3,8 +3,9 @@
 `make book` runs this before `jupyter-book build`. Jupyter Book executes the chapters one after
 another (`execute_notebooks: cache` in _config.yml); this script executes every chapter whose
 code is not yet in the cache, or was run there in another environment (see below), one kernel
-per chapter and as many at once as the machine has cores (each kernel runs on one thread: the Makefile exports OMP_NUM_THREADS=1), and stores the
-executed notebooks in the same jupyter-cache (_build/.jupyter_cache). The Sphinx build then finds
+per chapter and as many at once as the machine has cores (each kernel runs on one thread: the
+Makefile exports OMP_NUM_THREADS=1), and stores the executed notebooks in the same jupyter-cache
+(_build/.jupyter_cache). The Sphinx build then finds
 every chapter cached and executes none. Nothing changed, nothing runs: a chapter is matched to
 the cache by the hash of its code cells, exactly as myst-nb matches it (myst-nb's own reader
 reads the page).
